@@ -1,0 +1,63 @@
+"""Build and install focus-detr with its multi-scale deformable attention extension.
+
+The C++ CPU kernels are always built. The CUDA kernels are added when CUDA is available with
+nvcc, or when ``FORCE_CUDA=1`` (compile without a GPU); ``TORCH_CUDA_ARCH_LIST`` selects the
+architectures. ``FOCUS_DETR_NO_EXTENSION=1`` installs the pure-Python package only.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("focus_detr", "csrc")
+
+
+def _extensions():
+    if os.environ.get("FOCUS_DETR_NO_EXTENSION", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    with_cuda = CUDA_HOME is not None and (torch.cuda.is_available() or force_cuda)
+    if force_cuda and CUDA_HOME is None:
+        raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
+    cxx_flags = ["-O3", "-std=c++17"]
+    if with_cuda:
+        extension = CUDAExtension(
+            "focus_detr._C",
+            sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, CSRC)],
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        )
+    else:
+        extension = CppExtension(
+            "focus_detr._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, CSRC)],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="focus-detr",
+    version="0.1.0",
+    description="Focus-DETR (ICCV 2023) and efficient DETR encoders for detectron2",
+    packages=find_packages(include=["focus_detr", "focus_detr.*"]),
+    package_data={"focus_detr": ["csrc/*.h", "csrc/*.cpp", "csrc/cpu/*", "csrc/cuda/*"]},
+    python_requires=">=3.9",
+    install_requires=["scipy", "pycocotools", "fvcore", "tqdm"],
+    extras_require={"dev": ["pytest", "black", "isort", "flake8"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

@@ -7,6 +7,7 @@ architectures. ``FOCUS_DETR_NO_EXTENSION=1`` installs the pure-Python package on
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -27,7 +28,13 @@ def _extensions():
     with_cuda = CUDA_HOME is not None and (torch.cuda.is_available() or force_cuda)
     if force_cuda and CUDA_HOME is None:
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]  # the headers of torch 2.14 need C++20
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # ATen's parallel_for is an OpenMP region compiled into the extension: without -fopenmp
+        # the CPU kernels run on one thread. The runtime is the libgomp torch already loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if with_cuda:
         extension = CUDAExtension(
             "focus_detr._C",
@@ -35,6 +42,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, CSRC)],
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=link_flags,
         )
     else:
         extension = CppExtension(
@@ -42,6 +50,7 @@ def _extensions():
             sources,
             include_dirs=[os.path.join(ROOT, CSRC)],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 

@@ -1,0 +1,76 @@
+# Focus-DETR with a ResNet-50 backbone, 4 scales (res3-res5 + one stride-2 level), reference
+# hyperparameters of SPEC.md: hidden 256, 8 heads, 6 + 6 layers, FFN 2048, 4 points, 900 queries,
+# keep ratio 0.5 with factors (1.0, 0.8, 0.6, 0.6, 0.4, 0.2), top-300 dual attention, 100 DN queries.
+from detectron2.config import LazyCall as L
+from detectron2.modeling.backbone import BasicStem, ResNet
+
+from focus_detr.modeling import (
+    REFERENCE_SIZE_RANGES,
+    ContrastiveDenoising,
+    DINODecoder,
+    FocusDETR,
+    FocusEncoder,
+    HungarianMatcher,
+    SetCriterion,
+    TwoStageQuerySelection,
+)
+
+model = L(FocusDETR)(
+    backbone=L(ResNet)(
+        stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
+        stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=False, norm="FrozenBN"),
+        out_features=["res3", "res4", "res5"],
+        freeze_at=1,
+    ),
+    in_features=["res3", "res4", "res5"],
+    num_extra_levels=1,
+    hidden_dim=256,
+    num_classes=80,
+    encoder=L(FocusEncoder)(
+        embed_dim="${..hidden_dim}",
+        num_layers=6,
+        num_heads=8,
+        num_levels=4,
+        num_points=4,
+        ffn_dim=2048,
+        dropout=0.0,
+        keep_ratio=0.5,
+        layer_keep_factors=(1.0, 0.8, 0.6, 0.6, 0.4, 0.2),
+        topk_sa=300,
+        score_product="probability",
+        value_source="initial",
+    ),
+    decoder=L(DINODecoder)(
+        num_layers=6,
+        embed_dim="${..hidden_dim}",
+        num_heads=8,
+        feedforward_dim=2048,
+        dropout=0.0,
+        num_levels=4,
+        num_points=4,
+        num_classes="${..num_classes}",
+    ),
+    query_selection=L(TwoStageQuerySelection)(
+        hidden_dim="${..hidden_dim}", num_classes="${..num_classes}", num_queries=900
+    ),
+    denoising=L(ContrastiveDenoising)(
+        num_classes="${..num_classes}",
+        hidden_dim="${..hidden_dim}",
+        dn_number=100,
+        label_noise_ratio=0.5,
+        box_noise_scale=1.0,
+    ),
+    criterion=L(SetCriterion)(
+        num_classes="${..num_classes}",
+        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
+        weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+    ),
+    foreground_ranges=REFERENCE_SIZE_RANGES,
+    foreground_loss_weight=1.5,
+    num_select=300,
+    pixel_mean=[123.675, 116.280, 103.530],
+    pixel_std=[58.395, 57.120, 57.375],
+    input_format="RGB",
+)

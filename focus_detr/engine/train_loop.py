@@ -1,0 +1,138 @@
+"""Training and evaluation driven by a LazyConfig (the body of ``train_net.py``)."""
+
+import logging
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
+from detectron2.engine import default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from .data_loader import build_resumable_train_loader
+from .ema import ModelEMA
+from .hooks import RNGStateHook
+from .trainer import DETRTrainer
+
+__all__ = ["build_model", "do_test", "do_train", "load_for_eval", "wrap_ddp"]
+
+logger = logging.getLogger("detectron2")
+
+
+def _get(cfg, dotted: str, default):
+    node = cfg
+    for key in dotted.split("."):
+        if key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """Instantiate ``cfg.model`` on ``cfg.train.device`` (falls back to CPU without CUDA)."""
+    model = instantiate(cfg.model)
+    device = cfg.train.device
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"train.device={device} but CUDA is not available: using the CPU")
+        device = "cpu"
+        cfg.train.device = device
+    return model.to(device)
+
+
+def wrap_ddp(model: torch.nn.Module, **ddp_kwargs) -> torch.nn.Module:
+    """``create_ddp_model`` that also works for CPU models (gloo): no ``device_ids`` there."""
+    if next(model.parameters()).device.type == "cpu":
+        ddp_kwargs["device_ids"] = None
+    return create_ddp_model(model, **ddp_kwargs)
+
+
+def do_test(cfg, model: torch.nn.Module) -> OrderedDict:
+    """Run ``cfg.dataloader.evaluator`` on ``cfg.dataloader.test``; prints the COCO table."""
+    if "evaluator" not in cfg.dataloader:
+        return OrderedDict()
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def do_train(cfg, *, resume: bool = False) -> OrderedDict:
+    """
+    Train ``cfg.model`` as the config says and return the last evaluation's results.
+
+    With ``resume=True`` the last checkpoint of ``cfg.train.output_dir`` is loaded with the
+    iteration, optimizer, LR schedule, grad scaler, EMA and random states, and the data stream
+    continues after the samples already seen.
+    """
+    model = build_model(cfg)
+    logger.info(f"Model:\n{model}")
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    ema = None
+    if _get(cfg, "train.ema.enabled", False):
+        ema = ModelEMA(
+            model, decay=_get(cfg, "train.ema.decay", 0.9998), warmup=_get(cfg, "train.ema.warmup", 2000)
+        )
+    ddp_model = wrap_ddp(model, **cfg.train.ddp)
+    clip_enabled = _get(cfg, "train.clip_grad.enabled", True)
+    trainer = DETRTrainer(
+        ddp_model,
+        None,
+        optimizer,
+        clip_grad_max_norm=_get(cfg, "train.clip_grad.max_norm", 0.1) if clip_enabled else None,
+        amp=_get(cfg, "train.amp.enabled", False),
+        ema=ema,
+    )
+    checkpointables = {"ema": ema} if ema is not None else {}
+    checkpointer = DetectionCheckpointer(
+        model, cfg.train.output_dir, trainer=trainer, **checkpointables
+    )
+    results: OrderedDict = OrderedDict()
+
+    def evaluate() -> OrderedDict:
+        results.clear()
+        results.update(do_test(cfg, ema.module if ema is not None else model))
+        return results
+
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            RNGStateHook(),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, evaluate),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.data_loader = build_resumable_train_loader(
+        cfg.dataloader.train, start_iter=start_iter, seed=_get(cfg, "train.seed", -1)
+    )
+    trainer.train(start_iter, cfg.train.max_iter)
+    return results
+
+
+def load_for_eval(cfg, model: torch.nn.Module, checkpoint: Optional[str] = None) -> None:
+    """Load ``checkpoint`` (default ``cfg.train.init_checkpoint``); EMA weights when saved."""
+    path = checkpoint or cfg.train.init_checkpoint
+    extra = DetectionCheckpointer(model).load(path)
+    if _get(cfg, "train.ema.enabled", False) and "ema" in extra:
+        model.load_state_dict(extra["ema"]["model"])
+        logger.info(f"Loaded the EMA weights of {path}")

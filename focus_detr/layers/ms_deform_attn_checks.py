@@ -1,0 +1,118 @@
+"""Validation of the inputs of multi-scale deformable attention, with messages naming values."""
+
+import torch
+
+__all__ = ["check_inputs"]
+
+
+def _can_read_values(*tensors: torch.Tensor) -> bool:
+    """False while tracing with torch.compile / torch.export or for tensors without data."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t.device.type != "meta" for t in tensors)
+
+
+def check_inputs(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> None:
+    """
+    Checks the arguments of :func:`multi_scale_deformable_attention` (same shapes).
+
+    Ranks, sizes, dtypes and devices are checked, except under ``torch.jit.trace``. The contents of ``spatial_shapes`` and
+    ``level_start_index`` (positive sizes, sum(h * w) == Nv, exclusive cumulative sum) are
+    checked in eager mode only: reading them is a synchronisation on CUDA and impossible while
+    tracing.
+
+    Raises:
+        ValueError: with the offending shapes, dtypes, devices or values.
+    """
+    if torch.jit.is_tracing():
+        # fvcore's tracer: sizes are tensors there, and the model ran eagerly before.
+        return
+    if value.dim() != 4:
+        raise ValueError(f"value must be (B, Nv, H, D), got shape {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "sampling_locations must be (B, Nq, H, L, P, 2), got shape "
+            f"{tuple(sampling_locations.shape)}"
+        )
+    if attention_weights.dim() != 5:
+        raise ValueError(
+            f"attention_weights must be (B, Nq, H, L, P), got shape {tuple(attention_weights.shape)}"
+        )
+    num_values = value.shape[1]
+    num_levels = sampling_locations.shape[3]
+    shapes = {
+        "value": tuple(value.shape),
+        "sampling_locations": tuple(sampling_locations.shape),
+        "attention_weights": tuple(attention_weights.shape),
+    }
+    for what, sizes in (
+        ("batch", (value.shape[0], sampling_locations.shape[0], attention_weights.shape[0])),
+        ("heads", (value.shape[2], sampling_locations.shape[2], attention_weights.shape[2])),
+    ):
+        if len(set(sizes)) != 1:
+            raise ValueError(f"The {what} sizes {sizes} of {shapes} disagree")
+    for what, dim in (("queries", 1), ("levels", 3), ("points", 4)):
+        if sampling_locations.shape[dim] != attention_weights.shape[dim]:
+            raise ValueError(
+                f"The {what} of sampling_locations {tuple(sampling_locations.shape)} and "
+                f"attention_weights {tuple(attention_weights.shape)} disagree"
+            )
+    if spatial_shapes.shape != (num_levels, 2):
+        raise ValueError(
+            f"spatial_shapes must be ({num_levels}, 2) for {num_levels} levels, got shape "
+            f"{tuple(spatial_shapes.shape)}"
+        )
+    if level_start_index.shape != (num_levels,):
+        raise ValueError(
+            f"level_start_index must be ({num_levels},) for {num_levels} levels, got shape "
+            f"{tuple(level_start_index.shape)}"
+        )
+    for name, tensor in (
+        ("spatial_shapes", spatial_shapes),
+        ("level_start_index", level_start_index),
+    ):
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(f"{name} must have an integer dtype (int64), got {tensor.dtype}")
+    for name, tensor in (
+        ("value", value),
+        ("sampling_locations", sampling_locations),
+        ("attention_weights", attention_weights),
+    ):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor, got {tensor.dtype}")
+    devices = {
+        "value": value.device,
+        "spatial_shapes": spatial_shapes.device,
+        "level_start_index": level_start_index.device,
+        "sampling_locations": sampling_locations.device,
+        "attention_weights": attention_weights.device,
+    }
+    if len(set(devices.values())) != 1:
+        described = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"All inputs must be on one device, got {described}")
+    if not _can_read_values(spatial_shapes, level_start_index):
+        return
+    shape_list = spatial_shapes.tolist()
+    if any(h <= 0 or w <= 0 for h, w in shape_list):
+        raise ValueError(f"spatial_shapes must be positive, got {shape_list}")
+    total = sum(h * w for h, w in shape_list)
+    if total != num_values:
+        raise ValueError(
+            f"spatial_shapes {shape_list} hold sum(h * w) = {total} values but value has "
+            f"Nv = {num_values} (shape {tuple(value.shape)})"
+        )
+    expected_starts = [0]
+    for h, w in shape_list[:-1]:
+        expected_starts.append(expected_starts[-1] + h * w)
+    starts = level_start_index.tolist()
+    if starts != expected_starts:
+        raise ValueError(
+            f"level_start_index {starts} is inconsistent with spatial_shapes {shape_list}: "
+            f"expected {expected_starts}"
+        )

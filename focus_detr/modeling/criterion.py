@@ -1,0 +1,259 @@
+"""DETR set criterion with focal, L1 and GIoU losses over decoder, encoder and denoising outputs."""
+
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from detectron2.utils import comm
+from torch import nn
+
+from .denoising import DenoisingQueries
+from .losses import box_cxcywh_to_xyxy, focal_loss_sum, generalized_box_iou_elementwise
+from .matcher import HungarianMatcher
+
+__all__ = ["SetCriterion", "pack_outputs"]
+
+_BASE_LOSSES = ("loss_class", "loss_bbox", "loss_giou")
+Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def pack_outputs(
+    class_logits: torch.Tensor,
+    boxes: torch.Tensor,
+    enc_logits: Optional[torch.Tensor] = None,
+    enc_boxes: Optional[torch.Tensor] = None,
+    denoising: Optional[DenoisingQueries] = None,
+) -> Dict[str, object]:
+    """
+    Arrange the decoder (and two-stage) predictions the way :class:`SetCriterion` reads them.
+
+    Args:
+        class_logits: (D, B, T, K) decoder logits, T = pad_size + Q when ``denoising`` is given.
+        boxes: (D, B, T, 4) decoder cxcywh boxes.
+        enc_logits: (B, Q, K) logits of the selected encoder tokens, or None.
+        enc_boxes: (B, Q, 4) boxes of the selected encoder tokens, or None.
+        denoising: the :class:`DenoisingQueries` prepended to the decoder queries, or None.
+
+    Returns:
+        dict with "pred_logits" (B, Q, K) and "pred_boxes" (B, Q, 4) of the last layer,
+        "aux_outputs" (D - 1 dicts of the same keys, first layer first), "enc_outputs" (a dict, if
+        given) and "dn_outputs" (D dicts of (B, pad_size, ...) tensors, if ``denoising``).
+    """
+    outputs: Dict[str, object] = {}
+    if denoising is not None:
+        (class_logits, boxes), outputs["dn_outputs"] = denoising.split_outputs(class_logits, boxes)
+    outputs["pred_logits"] = class_logits[-1]
+    outputs["pred_boxes"] = boxes[-1]
+    outputs["aux_outputs"] = [
+        {"pred_logits": logits, "pred_boxes": box}
+        for logits, box in zip(class_logits[:-1], boxes[:-1])
+    ]
+    if enc_logits is not None and enc_boxes is not None:
+        outputs["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes}
+    return outputs
+
+
+class SetCriterion(nn.Module):
+    """
+    Computes the weighted losses of every output set: sigmoid focal loss over all queries and
+    classes, L1 and GIoU over the matched boxes, each divided by the number of ground-truth boxes
+    in the (global) batch. The last decoder layer gives ``loss_class``..., earlier layers
+    ``loss_class_0``..., the two-stage proposals ``loss_class_enc``..., the denoising queries
+    ``loss_class_dn`` (last layer) and ``loss_class_dn_0``... (earlier layers).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_dict: Optional[Mapping[str, float]] = None,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        denoising: bool = True,
+    ):
+        """
+        Args:
+            num_classes: K, object classes (no background class: all-zero targets).
+            matcher: assigns predictions to ground truth.
+            weight_dict: weights of "loss_class" (1.0), "loss_bbox" (5.0), "loss_giou" (2.0);
+                a full name such as "loss_class_dn" overrides the base weight for that term.
+            focal_alpha: alpha of the focal loss.
+            focal_gamma: gamma of the focal loss.
+            denoising: whether the model uses denoising queries. Then the DN loss keys are
+                always returned (zero when a batch gives no DN queries) so that every process
+                reports the same keys.
+        """
+        super().__init__()
+        if num_classes <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if not 0.0 <= focal_alpha <= 1.0:
+            raise ValueError(f"focal_alpha must be in [0, 1], got {focal_alpha}")
+        if focal_gamma < 0:
+            raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
+        weights = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+        for name, value in (weight_dict or {}).items():
+            if not name.startswith(_BASE_LOSSES):
+                raise ValueError(f"unknown loss {name!r} in weight_dict; known: {_BASE_LOSSES}")
+            weights[name] = float(value)
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weights
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.denoising = denoising
+
+    def weight(self, name: str) -> float:
+        """Weight of a loss key: its own entry, else that of its base loss."""
+        if name in self.weight_dict:
+            return self.weight_dict[name]
+        return self.weight_dict[next(base for base in _BASE_LOSSES if name.startswith(base))]
+
+    @staticmethod
+    def num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+        """Average number of ground-truth boxes per process, at least 1 (scalar float tensor)."""
+        count = torch.as_tensor(
+            float(sum(t["labels"].numel() for t in targets)), dtype=torch.float32, device=device
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+        return (count / comm.get_world_size()).clamp(min=1.0)
+
+    def set_losses(
+        self,
+        pred_logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        targets: List[Dict[str, torch.Tensor]],
+        indices: Indices,
+        normalizer: torch.Tensor,
+        valid_mask: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Unweighted losses of one output set.
+
+        Args:
+            pred_logits: (B, Q, K) logits.
+            pred_boxes: (B, Q, 4) cxcywh boxes.
+            targets: B dicts with "labels" (M_i,) and "boxes" (M_i, 4).
+            indices: B pairs (pred_idx, tgt_idx); matched queries are positives, others background.
+            normalizer: scalar divisor of every loss.
+            valid_mask: (B, Q) bool; queries where it is False get no class loss.
+
+        Returns:
+            dict with "loss_class", "loss_bbox", "loss_giou" scalars.
+        """
+        batch_idx = torch.cat([torch.full_like(pred, i) for i, (pred, _) in enumerate(indices)])
+        pred_idx = torch.cat([pred for pred, _ in indices])
+        labels = torch.cat(
+            [t["labels"][tgt].to(pred_logits.device) for t, (_, tgt) in zip(targets, indices)]
+        )
+        tgt_boxes = torch.cat(
+            [t["boxes"][tgt].to(pred_boxes) for t, (_, tgt) in zip(targets, indices)]
+        )
+        onehot = torch.zeros_like(pred_logits)
+        onehot[batch_idx, pred_idx, labels] = 1.0
+        loss_class = focal_loss_sum(
+            pred_logits,
+            onehot,
+            alpha=self.focal_alpha,
+            gamma=self.focal_gamma,
+            valid_mask=valid_mask,
+        )
+        if pred_idx.numel() == 0:
+            # nothing to regress; keep the boxes in the graph (DDP expects every parameter used)
+            zero = pred_boxes.sum() * 0.0
+            return {"loss_class": loss_class / normalizer, "loss_bbox": zero, "loss_giou": zero}
+        matched = pred_boxes[batch_idx, pred_idx]
+        loss_bbox = (matched - tgt_boxes).abs().sum()
+        giou = generalized_box_iou_elementwise(
+            box_cxcywh_to_xyxy(matched), box_cxcywh_to_xyxy(tgt_boxes)
+        )
+        loss_giou = (1.0 - giou).sum()
+        return {
+            "loss_class": loss_class / normalizer,
+            "loss_bbox": loss_bbox / normalizer,
+            "loss_giou": loss_giou / normalizer,
+        }
+
+    def _matched_losses(self, output, targets, normalizer) -> Dict[str, torch.Tensor]:
+        indices = self.matcher(output["pred_logits"], output["pred_boxes"], targets)
+        return self.set_losses(
+            output["pred_logits"], output["pred_boxes"], targets, indices, normalizer
+        )
+
+    def forward(
+        self,
+        outputs: Mapping[str, object],
+        targets: List[Dict[str, torch.Tensor]],
+        dn_meta: Optional[DenoisingQueries] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: as built by :func:`pack_outputs`: "pred_logits" (B, Q, K), "pred_boxes"
+                (B, Q, 4), "aux_outputs" (list of such dicts), optional "enc_outputs" (dict) and
+                "dn_outputs" (list of D dicts with (B, pad_size, K) / (B, pad_size, 4)).
+            targets: B dicts with "labels" (M_i,) int64 and "boxes" (M_i, 4) normalized cxcywh.
+            dn_meta: the batch's :class:`DenoisingQueries`, or None when it had none.
+
+        Returns:
+            dict of weighted scalar losses.
+        """
+        device = outputs["pred_logits"].device
+        num_boxes = self.num_boxes(targets, device)
+        aux_outputs = list(outputs.get("aux_outputs") or [])
+        raw: Dict[str, torch.Tensor] = {}
+
+        for name, value in self._matched_losses(outputs, targets, num_boxes).items():
+            raw[name] = value
+        for layer, aux in enumerate(aux_outputs):
+            for name, value in self._matched_losses(aux, targets, num_boxes).items():
+                raw[f"{name}_{layer}"] = value
+        if outputs.get("enc_outputs") is not None:
+            for name, value in self._matched_losses(
+                outputs["enc_outputs"], targets, num_boxes
+            ).items():
+                raw[f"{name}_enc"] = value
+
+        dn_outputs = outputs.get("dn_outputs")
+        if (dn_meta is None) != (dn_outputs is None):
+            raise ValueError(
+                "dn_meta and outputs['dn_outputs'] must be given together, got "
+                f"dn_meta={'None' if dn_meta is None else 'set'}, "
+                f"dn_outputs={'None' if dn_outputs is None else 'set'}"
+            )
+        num_layers = len(aux_outputs) + 1
+        if dn_meta is not None:
+            if len(dn_outputs) != num_layers:
+                raise ValueError(
+                    f"expected {num_layers} dn_outputs (one per decoder layer), got "
+                    f"{len(dn_outputs)}"
+                )
+            normalizer = num_boxes * dn_meta.num_groups
+            for layer, dn in enumerate(dn_outputs):
+                suffix = "_dn" if layer == num_layers - 1 else f"_dn_{layer}"
+                losses = self.set_losses(
+                    dn["pred_logits"],
+                    dn["pred_boxes"],
+                    targets,
+                    dn_meta.positive_indices,
+                    normalizer,
+                    valid_mask=~dn_meta.slot_padding_mask,
+                )
+                for name, value in losses.items():
+                    raw[name + suffix] = value
+        elif self.denoising:
+            # no DN queries this batch: same keys as the other processes, connected to the graph
+            zero = outputs["pred_logits"].sum() * 0.0 + outputs["pred_boxes"].sum() * 0.0
+            for layer in range(num_layers):
+                suffix = "_dn" if layer == num_layers - 1 else f"_dn_{layer}"
+                for name in _BASE_LOSSES:
+                    raw[name + suffix] = zero
+
+        return {name: value * self.weight(name) for name, value in raw.items()}
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, weight_dict={self.weight_dict}, "
+            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, "
+            f"denoising={self.denoising}"
+        )

@@ -1,0 +1,158 @@
+"""The Foreground Token Selector (FTS) of Focus-DETR: one foreground logit per token."""
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ForegroundTokenSelector"]
+
+
+class ForegroundTokenSelector(nn.Module):
+    """
+    Scores every flattened multi-scale token with a scoring network shared by all levels, with
+    top-down score modulation from coarse to fine levels:
+
+    - the coarsest level is scored directly: ``s_{L-1} = net(x_{L-1})``;
+    - every finer level ``l`` is first modulated by the raw logit map of the level above,
+      upsampled bilinearly (``align_corners=True``) to the level's grid:
+      ``x'_l = x_l * (1 + alpha[L-2-l] * up(s_{l+1}))``, then ``s_l = net(x'_l)``.
+
+    The modulated features are used for scoring only. The scoring network is
+    ``LN -> Linear(C, hidden) -> GELU``; the second half of the channels is averaged over the
+    level's valid tokens of each image (the reference also averages the padding, which makes an
+    image's scores depend on how much padding its batch adds) and broadcast back; then
+    ``Linear(hidden, head_dims[0]) -> GELU -> ... -> Linear(head_dims[-1], 1)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 256,
+        num_levels: int = 4,
+        hidden_dim: Optional[int] = None,
+        head_dims: Optional[Sequence[int]] = None,
+        alpha_init_range: float = 0.3,
+    ):
+        """
+        Args:
+            embed_dim: channels of the input tokens.
+            num_levels: feature levels (>= 1); one modulation coefficient per level but the
+                coarsest.
+            hidden_dim: output channels of the first linear layer, split in a local and a global
+                half; must be even. Default: ``embed_dim`` (reference: 256).
+            head_dims: hidden widths of the layers after the split. Default:
+                ``(hidden_dim // 2, hidden_dim // 4)`` (reference: 128, 64).
+            alpha_init_range: modulation coefficients start uniform in
+                ``[-alpha_init_range, alpha_init_range]`` (reference: 0.3).
+        """
+        super().__init__()
+        if embed_dim <= 0:
+            raise ValueError(f"embed_dim must be positive, got {embed_dim}")
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        hidden_dim = embed_dim if hidden_dim is None else hidden_dim
+        if hidden_dim <= 0 or hidden_dim % 2 != 0:
+            raise ValueError(f"hidden_dim must be a positive even number, got {hidden_dim}")
+        head_dims = (hidden_dim // 2, hidden_dim // 4) if head_dims is None else tuple(head_dims)
+        if len(head_dims) == 0 or any(dim <= 0 for dim in head_dims):
+            raise ValueError(
+                f"head_dims must be a non-empty list of positive ints, got {head_dims}"
+            )
+        if alpha_init_range < 0:
+            raise ValueError(f"alpha_init_range must be >= 0, got {alpha_init_range}")
+        self.embed_dim = embed_dim
+        self.num_levels = num_levels
+        self.hidden_dim = hidden_dim
+        self.alpha_init_range = alpha_init_range
+
+        self.input_layer = nn.Sequential(
+            nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden_dim), nn.GELU()
+        )
+        layers: List[nn.Module] = []
+        in_dim = hidden_dim
+        for dim in head_dims:
+            layers += [nn.Linear(in_dim, dim), nn.GELU()]
+            in_dim = dim
+        layers.append(nn.Linear(in_dim, 1))
+        self.output_layers = nn.Sequential(*layers)
+        # alpha[j] modulates level L-2-j: the j-th step down from the coarsest level
+        self.alpha = nn.Parameter(torch.empty(num_levels - 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.uniform_(self.alpha, -self.alpha_init_range, self.alpha_init_range)
+
+    def score_level(self, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """
+        The shared scoring network on the tokens of one level.
+
+        Args:
+            features: (B, n, C) tokens of one level.
+            valid: (B, n) bool, True on tokens inside the image; only they enter the global mean.
+
+        Returns:
+            (B, n) raw logits.
+        """
+        hidden = self.input_layer(features)
+        local_part, global_part = hidden.split(self.hidden_dim // 2, dim=-1)
+        weights = valid.to(hidden.dtype).unsqueeze(-1)
+        # clamp: an image without a valid token on this level gets a zero global context
+        count = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+        global_mean = (global_part * weights).sum(dim=1, keepdim=True) / count
+        hidden = torch.cat([local_part, global_mean.expand_as(global_part)], dim=-1)
+        return self.output_layers(hidden).squeeze(-1)
+
+    def forward(
+        self, features: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            features: (B, N, C) flattened multi-scale tokens, finest level first. In Focus-DETR
+                these are ``token_projection((tokens + token_pos) with padding zeroed)``.
+            padding_mask: (B, N) bool, True on padded tokens.
+            spatial_shapes: (L, 2) int64 (h, w) of every level, N = sum of h * w.
+
+        Returns:
+            (B, N) raw foreground logits. Values on padded tokens are meaningless (callers
+            mask them).
+        """
+        if spatial_shapes.shape != (self.num_levels, 2):
+            raise ValueError(
+                f"spatial_shapes must have shape ({self.num_levels}, 2), got "
+                f"{tuple(spatial_shapes.shape)}"
+            )
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        sizes = [h * w for h, w in shapes]
+        if sum(sizes) != features.shape[1] or padding_mask.shape != features.shape[:2]:
+            raise ValueError(
+                f"features {tuple(features.shape)} and padding_mask "
+                f"{tuple(padding_mask.shape)} do not match spatial_shapes {shapes}"
+            )
+        batch = features.shape[0]
+        level_features = features.split(sizes, dim=1)
+        level_valid = (~padding_mask).split(sizes, dim=1)
+
+        logits: List[Optional[torch.Tensor]] = [None] * self.num_levels
+        upper_map: Optional[torch.Tensor] = None
+        for level in reversed(range(self.num_levels)):
+            height, width = shapes[level]
+            level_input = level_features[level]
+            if upper_map is not None:
+                upsampled = F.interpolate(
+                    upper_map, size=(height, width), mode="bilinear", align_corners=True
+                )
+                alpha = self.alpha[self.num_levels - 2 - level]
+                level_input = level_input * (1.0 + alpha * upsampled.flatten(1).unsqueeze(-1))
+            level_logits = self.score_level(level_input, level_valid[level])
+            logits[level] = level_logits
+            # Padded logits are unsupervised, hence arbitrary: zero them (no modulation) so that
+            # they cannot leak into the valid border of the finer level through interpolation.
+            upper_map = level_logits.masked_fill(~level_valid[level], 0.0)
+            upper_map = upper_map.view(batch, 1, height, width)
+        return torch.cat(logits, dim=1)

@@ -1,0 +1,250 @@
+"""FCOS-style binary foreground targets for the token selector, and its focal loss."""
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+__all__ = [
+    "REFERENCE_SIZE_RANGES",
+    "overlapping_size_ranges",
+    "validate_size_ranges",
+    "compute_foreground_targets",
+    "foreground_loss",
+    "ForegroundLoss",
+]
+
+# (lo, hi] of max(l, t, r, b) in input pixels, finest level first (Focus-DETR / FCOS reference)
+REFERENCE_SIZE_RANGES: Tuple[Tuple[float, float], ...] = (
+    (-1.0, 64.0),
+    (64.0, 128.0),
+    (128.0, 256.0),
+    (256.0, math.inf),
+)
+
+
+def overlapping_size_ranges(
+    ranges: Sequence[Tuple[float, float]] = REFERENCE_SIZE_RANGES, overlap: float = 0.5
+) -> List[Tuple[float, float]]:
+    """
+    The paper's variant where adjacent ranges overlap: every positive lower bound is lowered to
+    ``lo * (1 - overlap)``; upper bounds and non-positive lower bounds are kept.
+
+    With the reference ranges and ``overlap=0.5`` this gives (-1, 64], (32, 128], (64, 256],
+    (128, inf): every finite range spans two octaves and shares one octave (half of it on a log2
+    scale) with each neighbour, so an object of size in (32, 64] is positive on levels 0 and 1.
+
+    Args:
+        ranges: non-overlapping (lo, hi] ranges, finest level first.
+        overlap: in [0, 1); 0 returns the ranges unchanged.
+
+    Returns:
+        list of (lo, hi) pairs, one per level.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    return [(lo * (1.0 - overlap) if lo > 0 else lo, hi) for lo, hi in ranges]
+
+
+def validate_size_ranges(
+    ranges: Sequence[Tuple[float, float]], num_levels: int
+) -> List[Tuple[float, float]]:
+    """Checks one (lo, hi) pair per level with lo < hi; returns them as floats."""
+    ranges = [tuple(pair) for pair in ranges]
+    if len(ranges) != num_levels:
+        raise ValueError(
+            f"need one size range per level ({num_levels}), got {len(ranges)}: {ranges}"
+        )
+    for pair in ranges:
+        if len(pair) != 2 or not float(pair[0]) < float(pair[1]):
+            raise ValueError(f"every size range must be a pair (lo, hi) with lo < hi, got {pair}")
+    return [(float(lo), float(hi)) for lo, hi in ranges]
+
+
+def _validate_strides(strides: Sequence[int], num_levels: int) -> List[int]:
+    strides = list(strides)
+    if len(strides) != num_levels or any(int(s) != s or s <= 0 for s in strides):
+        raise ValueError(
+            f"need one positive integer stride per level ({num_levels}), got {strides}"
+        )
+    return [int(s) for s in strides]
+
+
+@torch.no_grad()
+def _level_targets(
+    boxes: torch.Tensor,
+    height: int,
+    width: int,
+    stride: int,
+    size_range: Tuple[float, float],
+    box_chunk_size: int,
+) -> torch.Tensor:
+    """(h * w,) bool: locations of one level positive for at least one of ``boxes`` (M, 4)."""
+    device = boxes.device
+    centres_x = torch.arange(width, device=device, dtype=boxes.dtype) * stride + stride // 2
+    centres_y = torch.arange(height, device=device, dtype=boxes.dtype) * stride + stride // 2
+    positive = torch.zeros(height, width, dtype=torch.bool, device=device)
+    lo, hi = size_range
+    for chunk in boxes.split(box_chunk_size):
+        # distances are separable in x and y: (m, w) and (m, h) instead of (m, h * w, 4)
+        left = centres_x[None, :] - chunk[:, 0:1]
+        right = chunk[:, 2:3] - centres_x[None, :]
+        top = centres_y[None, :] - chunk[:, 1:2]
+        bottom = chunk[:, 3:4] - centres_y[None, :]
+        min_x, max_x = torch.minimum(left, right), torch.maximum(left, right)
+        min_y, max_y = torch.minimum(top, bottom), torch.maximum(top, bottom)
+        # (m, h, w): only this chunk's boxes are materialized at once
+        inside = torch.minimum(min_y[:, :, None], min_x[:, None, :]) > 0
+        extent = torch.maximum(max_y[:, :, None], max_x[:, None, :])
+        in_range = (extent > lo) & (extent <= hi)
+        positive |= (inside & in_range).any(dim=0)
+    return positive.flatten()
+
+
+@torch.no_grad()
+def compute_foreground_targets(
+    boxes_xyxy: Sequence[torch.Tensor],
+    spatial_shapes: torch.Tensor,
+    strides: Sequence[int],
+    ranges: Sequence[Tuple[float, float]] = REFERENCE_SIZE_RANGES,
+    *,
+    box_chunk_size: int = 32,
+) -> torch.Tensor:
+    """
+    Binary FCOS-style targets. The location (i, j) of level l (stride s) sits at
+    ``(j * s + s // 2, i * s + s // 2)`` of the padded input; it is positive for a box if it lies
+    strictly inside it (``min(l, t, r, b) > 0``) and ``lo_l < max(l, t, r, b) <= hi_l``.
+
+    Memory stays bounded for crowded images: boxes are processed ``box_chunk_size`` at a time per
+    image and level, so the largest temporary holds ``box_chunk_size * h * w`` values.
+
+    Args:
+        boxes_xyxy: one (M_i, 4) tensor per image, absolute (x0, y0, x1, y1) in the resized input
+            image; M_i may be 0.
+        spatial_shapes: (L, 2) int64 (h, w) of every level.
+        strides: L positive integers, the input pixels per cell of every level.
+        ranges: L pairs (lo, hi], finest level first; see :data:`REFERENCE_SIZE_RANGES` and
+            :func:`overlapping_size_ranges`.
+        box_chunk_size: boxes handled at once.
+
+    Returns:
+        (B, N) float targets in {0, 1} on the device of ``spatial_shapes``, N = sum of h * w,
+        flattened level after level like the tokens.
+    """
+    num_levels = spatial_shapes.shape[0]
+    ranges = validate_size_ranges(ranges, num_levels)
+    strides = _validate_strides(strides, num_levels)
+    if box_chunk_size <= 0:
+        raise ValueError(f"box_chunk_size must be positive, got {box_chunk_size}")
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    num_tokens = sum(h * w for h, w in shapes)
+    device = spatial_shapes.device
+    targets = torch.zeros(len(boxes_xyxy), num_tokens, device=device)
+    for image, boxes in enumerate(boxes_xyxy):
+        if boxes.ndim != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes of image {image} must have shape (M, 4), got {boxes.shape}")
+        if boxes.shape[0] == 0:
+            continue
+        boxes = boxes.to(device=device, dtype=torch.float32)
+        per_level = [
+            _level_targets(boxes, h, w, stride, size_range, box_chunk_size)
+            for (h, w), stride, size_range in zip(shapes, strides, ranges)
+        ]
+        targets[image] = torch.cat(per_level).float()
+    return targets
+
+
+def foreground_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    padding_mask: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """
+    Sigmoid focal loss summed over the valid tokens of each image, divided by that image's
+    positive count (at least 1), averaged over the batch. Unweighted: the weight (1.5 in
+    Focus-DETR) is applied by :class:`ForegroundLoss` or by the caller.
+
+    Args:
+        logits: (B, N) raw foreground logits.
+        targets: (B, N) in {0, 1}.
+        padding_mask: (B, N) bool, True on padded tokens (excluded).
+        alpha: focal loss positive-class weight.
+        gamma: focal loss focusing exponent.
+
+    Returns:
+        scalar loss; finite for images without any box (all targets 0).
+    """
+    if logits.shape != targets.shape or logits.shape != padding_mask.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and padding_mask "
+            f"{tuple(padding_mask.shape)} must have the same shape"
+        )
+    targets = targets.to(logits.dtype)
+    valid = ~padding_mask
+    # where(): padded logits may hold any value, never let them reach the sum (0 * inf = nan)
+    safe_logits = torch.where(valid, logits, torch.zeros_like(logits))
+    per_token = sigmoid_focal_loss(safe_logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+    per_image = torch.where(valid, per_token, torch.zeros_like(per_token)).sum(dim=1)
+    num_positive = (targets * valid).sum(dim=1).clamp(min=1.0)
+    return (per_image / num_positive).mean()
+
+
+class ForegroundLoss(nn.Module):
+    """Targets + weighted :func:`foreground_loss` in one LazyConfig-friendly module."""
+
+    def __init__(
+        self,
+        *,
+        strides: Sequence[int],
+        ranges: Sequence[Tuple[float, float]] = REFERENCE_SIZE_RANGES,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        weight: float = 1.5,
+    ):
+        """
+        Args:
+            strides: input pixels per cell of every level (from the backbone/neck shapes).
+            ranges: one (lo, hi] object-size range per level, finest first.
+            alpha: focal loss positive-class weight.
+            gamma: focal loss focusing exponent.
+            weight: multiplies the loss (Focus-DETR: 1.5).
+        """
+        super().__init__()
+        self.strides = _validate_strides(strides, len(strides))
+        self.ranges = validate_size_ranges(ranges, len(self.strides))
+        if alpha < 0 or alpha > 1:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        self.alpha = alpha
+        self.gamma = gamma
+        self.weight = weight
+
+    def forward(
+        self,
+        foreground_logits: torch.Tensor,
+        padding_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        boxes_xyxy: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """
+        Args:
+            foreground_logits: (B, N) raw logits (``EncoderOutput.foreground_logits``).
+            padding_mask: (B, N) bool, True on padded tokens.
+            spatial_shapes: (L, 2) int64 (h, w) of every level.
+            boxes_xyxy: one (M_i, 4) tensor per image, absolute xyxy in the resized input.
+
+        Returns:
+            scalar, ``weight * foreground_loss``.
+        """
+        targets = compute_foreground_targets(boxes_xyxy, spatial_shapes, self.strides, self.ranges)
+        loss = foreground_loss(
+            foreground_logits, targets, padding_mask, alpha=self.alpha, gamma=self.gamma
+        )
+        return self.weight * loss

@@ -1,0 +1,98 @@
+"""Input projection from a detectron2 backbone to the transformer's multi-scale feature maps."""
+
+from typing import Dict, List, Sequence
+
+import torch
+from detectron2.layers import ShapeSpec
+from torch import nn
+
+__all__ = ["MultiScaleNeck"]
+
+
+class MultiScaleNeck(nn.Module):
+    """
+    One 1x1 conv + GroupNorm per backbone level, then ``num_extra_levels`` levels made by 3x3
+    stride-2 conv + GroupNorm, the first on the last backbone output and the others on the
+    previous extra level. Channels and strides come from the backbone's ``output_shape()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_shapes: Dict[str, ShapeSpec],
+        in_features: Sequence[str],
+        out_channels: int = 256,
+        num_extra_levels: int = 1,
+        num_groups: int = 32,
+    ):
+        """
+        Args:
+            input_shapes: the backbone's ``output_shape()``.
+            in_features: backbone outputs to use, finest first (e.g. ``["res3", "res4", "res5"]``).
+            out_channels: channels of every output level.
+            num_extra_levels: stride-2 levels appended after the last backbone level.
+            num_groups: GroupNorm groups; must divide ``out_channels``.
+        """
+        super().__init__()
+        if len(in_features) == 0:
+            raise ValueError("in_features must name at least one backbone output, got []")
+        missing = [name for name in in_features if name not in input_shapes]
+        if missing:
+            raise ValueError(
+                f"in_features {missing} are not backbone outputs; available: {sorted(input_shapes)}"
+            )
+        if num_extra_levels < 0:
+            raise ValueError(f"num_extra_levels must be >= 0, got {num_extra_levels}")
+        if out_channels % num_groups != 0:
+            raise ValueError(f"num_groups={num_groups} must divide out_channels={out_channels}")
+        strides = [input_shapes[name].stride for name in in_features]
+        if any(stride is None for stride in strides) or strides != sorted(strides):
+            raise ValueError(
+                f"in_features must be ordered finest first with strides, got {strides}"
+            )
+        self.in_features = list(in_features)
+        self.out_channels = out_channels
+        self.projections = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(input_shapes[name].channels, out_channels, kernel_size=1),
+                nn.GroupNorm(num_groups, out_channels),
+            )
+            for name in in_features
+        )
+        extra = []
+        in_channels = input_shapes[in_features[-1]].channels
+        for _ in range(num_extra_levels):
+            extra.append(
+                nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1),
+                    nn.GroupNorm(num_groups, out_channels),
+                )
+            )
+            in_channels = out_channels
+        self.extra_levels = nn.ModuleList(extra)
+        self.strides: List[int] = strides + [
+            strides[-1] * 2 ** (i + 1) for i in range(num_extra_levels)
+        ]
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight, gain=1)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.strides)
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """
+        Args:
+            features: backbone outputs by name, each (B, C_in, H, W).
+
+        Returns:
+            ``num_levels`` tensors (B, out_channels, H_l, W_l), finest first.
+        """
+        outputs = [proj(features[name]) for proj, name in zip(self.projections, self.in_features)]
+        previous = features[self.in_features[-1]]
+        for level in self.extra_levels:
+            previous = level(previous)
+            outputs.append(previous)
+        return outputs

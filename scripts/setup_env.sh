@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything focus-detr needs, in the Python environment of $PYTHON
+# (default: python3). Sourced by scripts/run_demo.sh and scripts/run_tests.sh; can run alone:
+#     bash scripts/setup_env.sh [--dev]
+# Each step checks first and only installs what is missing or broken:
+#   1. a torch/torchvision pair whose compiled ops load (else torch==2.14.1 torchvision==0.29.1),
+#   2. detectron2 when it is not importable (an importable detectron2 is never replaced),
+#   3. with --dev: pytest, black, isort, flake8,
+#   4. this package, editable, with its C++ (and, with a GPU or FORCE_CUDA=1, CUDA) extension,
+#      rebuilt when the kernel sources or the torch version changed.
+set -euo pipefail
+
+FOCUS_DETR_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+TORCH_PAIR="${FOCUS_DETR_TORCH_PAIR:-torch==2.14.1 torchvision==0.29.1}"
+
+_say() { echo "[setup] $*"; }
+_fail() {
+  echo "[setup] FAILED: $1" >&2
+  echo "[setup] what to do: $2" >&2
+  exit 1
+}
+
+focus_detr_setup() {
+  local dev=0
+  [ "${1:-}" = "--dev" ] && dev=1
+  command -v "$PYTHON" >/dev/null 2>&1 \
+    || _fail "no Python interpreter '$PYTHON'" "install Python >= 3.9 or set PYTHON=/path/to/python"
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
+    || _fail "$("$PYTHON" --version 2>&1) is too old" "use Python >= 3.9 (set PYTHON=...)"
+
+  # 1. torch + torchvision whose compiled ops load together.
+  if "$PYTHON" -c 'import torch, torchvision
+from torchvision.ops import nms
+nms(torch.zeros(1, 4), torch.zeros(1), 0.5)' >/dev/null 2>&1; then
+    _say "torch/torchvision: $("$PYTHON" -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)' 2>/dev/null) (kept)"
+  else
+    _say "torch/torchvision missing or their compiled ops do not load: installing $TORCH_PAIR"
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pip install --quiet $TORCH_PAIR \
+      || _fail "pip install $TORCH_PAIR" "check the network/pip index, or install a matching torch/torchvision pair yourself and rerun"
+  fi
+
+  # 2. detectron2 (fills in only what is missing).
+  "$PYTHON" "$FOCUS_DETR_ROOT/scripts/install_detectron2.py" \
+    || _fail "installing detectron2" "install detectron2 from source (https://github.com/facebookresearch/detectron2) and rerun"
+  "$PYTHON" -c 'import detectron2.config, detectron2.engine, detectron2.evaluation' >/dev/null 2>&1 \
+    || _fail "detectron2 is installed but does not import" "run: $PYTHON -c 'import detectron2.engine' to see the error"
+
+  # 3. test and lint tools.
+  if [ "$dev" = 1 ]; then
+    if ! "$PYTHON" -c 'import pytest, black, isort, flake8' >/dev/null 2>&1; then
+      _say "installing pytest, black, isort, flake8"
+      "$PYTHON" -m pip install --quiet pytest black isort flake8 \
+        || _fail "pip install pytest black isort flake8" "install them yourself and rerun"
+    fi
+  fi
+
+  # 4. this package and its extension, rebuilt when sources or torch changed.
+  local stamp_file="$FOCUS_DETR_ROOT/build/.focus_detr_extension_stamp"
+  local stamp
+  stamp="$(cd "$FOCUS_DETR_ROOT" && { "$PYTHON" -c 'import torch; print(torch.__version__)'; echo "FORCE_CUDA=${FORCE_CUDA:-0}"; cat setup.py; find focus_detr/csrc -type f -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -d' ' -f1)"
+  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
+    && "$PYTHON" - "$FOCUS_DETR_ROOT" >/dev/null 2>&1 <<'PY'
+import os, sys
+import focus_detr
+from focus_detr.layers import extension_available
+root = os.path.realpath(sys.argv[1])
+assert os.path.realpath(focus_detr.__file__).startswith(root + os.sep)
+assert extension_available()
+PY
+  then
+    _say "focus_detr: installed from $FOCUS_DETR_ROOT with its extension (kept)"
+  else
+    _say "building and installing focus_detr (editable) with its extension: takes a few minutes"
+    (cd "$FOCUS_DETR_ROOT" && "$PYTHON" -m pip install --quiet --no-build-isolation -e .) \
+      || _fail "building the focus_detr extension" "read the compiler output above; FOCUS_DETR_NO_EXTENSION=1 installs the pure-PyTorch package"
+    mkdir -p "$(dirname "$stamp_file")"
+    echo "$stamp" >"$stamp_file"
+  fi
+  "$PYTHON" -c 'import focus_detr.layers' \
+    || _fail "import focus_detr after installing it" "run: $PYTHON -c 'import focus_detr.layers' to see the error"
+  _say "ready"
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  focus_detr_setup "$@"
+fi

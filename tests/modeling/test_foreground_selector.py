@@ -1,0 +1,126 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from focus_detr.modeling.foreground_selector import ForegroundTokenSelector
+
+C = 16
+ODD_SHAPES = [(9, 7), (5, 4), (3, 2), (2, 1), (1, 1)]
+
+
+def padding_mask(shapes, valid_sizes):
+    """(B, N) mask from per-image (h, w) valid sizes of every level."""
+    rows = []
+    for sizes in valid_sizes:
+        levels = []
+        for (h, w), (vh, vw) in zip(shapes, sizes):
+            mask = torch.ones(h, w, dtype=torch.bool)
+            mask[:vh, :vw] = False
+            levels.append(mask.flatten())
+        rows.append(torch.cat(levels))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("num_levels", [1, 3, 4, 5])
+def test_shapes_and_alpha(num_levels):
+    torch.manual_seed(0)
+    shapes = ODD_SHAPES[:num_levels]
+    selector = ForegroundTokenSelector(embed_dim=C, num_levels=num_levels)
+    num_tokens = sum(h * w for h, w in shapes)
+    features = torch.randn(2, num_tokens, C)
+    mask = torch.zeros(2, num_tokens, dtype=torch.bool)
+    logits = selector(features, mask, torch.tensor(shapes))
+    assert logits.shape == (2, num_tokens)
+    assert torch.isfinite(logits).all()
+    assert selector.alpha.shape == (num_levels - 1,)
+    assert (selector.alpha.abs() <= 0.3).all()
+
+
+def test_reference_default_widths():
+    selector = ForegroundTokenSelector()
+    widths = [m.out_features for m in selector.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [256, 128, 64, 1]
+
+
+def test_top_down_modulation_by_hand():
+    torch.manual_seed(0)
+    shapes = [(4, 6), (2, 3)]
+    selector = ForegroundTokenSelector(embed_dim=C, num_levels=2)
+    with torch.no_grad():
+        selector.alpha.fill_(0.7)
+    features = torch.randn(1, 30, C)
+    valid = torch.ones(1, 30, dtype=torch.bool)
+    logits = selector(features, ~valid, torch.tensor(shapes))
+
+    top = selector.score_level(features[:, 24:], valid[:, 24:])
+    upsampled = F.interpolate(
+        top.view(1, 1, 2, 3), size=(4, 6), mode="bilinear", align_corners=True
+    )
+    modulated = features[:, :24] * (1 + 0.7 * upsampled.flatten(1)[..., None])
+    fine = selector.score_level(modulated, valid[:, :24])
+    torch.testing.assert_close(logits, torch.cat([fine, top], dim=1))
+
+    # top-down only: fine features never change coarse scores; alpha = 0 removes the modulation
+    changed = features.clone()
+    changed[:, :24] += 1.0
+    torch.testing.assert_close(selector(changed, ~valid, torch.tensor(shapes))[:, 24:], top)
+    with torch.no_grad():
+        selector.alpha.zero_()
+    plain = selector.score_level(features[:, :24], valid[:, :24])
+    torch.testing.assert_close(selector(features, ~valid, torch.tensor(shapes))[:, :24], plain)
+
+
+def test_global_mean_ignores_padding_and_batch():
+    torch.manual_seed(0)
+    shapes = [(6, 5), (3, 3)]
+    selector = ForegroundTokenSelector(embed_dim=C, num_levels=2)
+    mask = padding_mask(shapes, [[(6, 5), (3, 3)], [(4, 3), (2, 2)]])
+    features = torch.randn(2, 39, C)
+    logits = selector(features, mask, torch.tensor(shapes))
+
+    # padded features, however wild, never reach valid scores (masked mean, zeroed upsampling)
+    noisy = torch.where(mask[..., None], 100 * torch.randn_like(features), features)
+    noisy_logits = selector(noisy, mask, torch.tensor(shapes))
+    torch.testing.assert_close(noisy_logits[~mask], logits[~mask])
+
+    # an image is scored the same alone or next to a larger image
+    alone = selector(features[1:], mask[1:], torch.tensor(shapes))
+    torch.testing.assert_close(alone[~mask[1:]], logits[1][~mask[1]])
+
+
+def test_gradients_reach_parameters_and_inputs():
+    torch.manual_seed(0)
+    shapes = [(4, 4), (2, 2), (1, 1)]
+    selector = ForegroundTokenSelector(embed_dim=C, num_levels=3)
+    features = torch.randn(2, 21, C, requires_grad=True)
+    logits = selector(features, torch.zeros(2, 21, dtype=torch.bool), torch.tensor(shapes))
+    logits.square().sum().backward()
+    assert features.grad.abs().sum() > 0
+    for name, parameter in selector.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_levels": 0}, "num_levels.*0"),
+        ({"hidden_dim": 15}, "hidden_dim.*15"),
+        ({"head_dims": (8, 0)}, r"\(8, 0\)"),
+        ({"alpha_init_range": -0.1}, "-0.1"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ForegroundTokenSelector(embed_dim=C, **kwargs)
+
+
+def test_mismatched_inputs():
+    selector = ForegroundTokenSelector(embed_dim=C, num_levels=2)
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        selector(torch.randn(1, 5, C), torch.zeros(1, 5, dtype=torch.bool), torch.tensor([[2, 2]]))
+    with pytest.raises(ValueError, match="do not match"):
+        selector(
+            torch.randn(1, 6, C),
+            torch.zeros(1, 6, dtype=torch.bool),
+            torch.tensor([[2, 2], [1, 1]]),
+        )

@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""
+Train or evaluate a focus-detr LazyConfig with detectron2.
+
+    python train_net.py --config-file configs/focus_detr_demo_shapes.py
+    python train_net.py --config-file configs/focus_detr_r50_4scale_12ep.py --num-gpus 8
+    python train_net.py --config-file ... --eval-only train.init_checkpoint=model_final.pth
+    python train_net.py --config-file ... --resume
+"""
+
+import logging
+
+from detectron2.config import LazyConfig
+from detectron2.engine import default_argument_parser, default_setup, launch
+
+from focus_detr.engine import build_model, do_test, do_train, load_for_eval, wrap_ddp
+
+logger = logging.getLogger("detectron2")
+
+
+def main(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = build_model(cfg)
+        load_for_eval(cfg, model)
+        model = wrap_ddp(model)
+        return do_test(cfg, model)
+    return do_train(cfg, resume=args.resume)
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()

@@ -37,8 +37,10 @@ if [[ -z "${library}" ]]; then
     echo "check_cuda_build: the build succeeded but produced no focus_detr/_C*.so" >&2
     exit 1
 fi
-if ! nm -D -C "${library}" | grep -q "ms_deform_attn_forward_cuda"; then
+symbols="$(nm -D -C "${library}")"  # not piped into grep -q: pipefail would see SIGPIPE
+if [[ "${symbols}" != *"ms_deform_attn_forward_cuda"* ]]; then
     echo "check_cuda_build: ${library} has no CUDA kernels (was WITH_CUDA defined?)" >&2
     exit 1
 fi
-echo "check_cuda_build: OK in $(( $(date +%s) - start )) s ($(basename "${library}"))"
+warnings="$(grep -ci "warning" "${work_dir}/build.log" || true)"
+echo "check_cuda_build: OK in $(( $(date +%s) - start )) s ($(basename "${library}"), ${warnings} compiler warning lines)"

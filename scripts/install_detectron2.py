@@ -35,6 +35,8 @@ REQUIREMENTS = [
     "hydra-core>=1.1",
     "black",
     "packaging",
+    # detectron2.utils.visualizer imports OpenCV.
+    "opencv-python-headless",
     # detectron2.model_zoo imports pkg_resources, removed from setuptools 81.
     "setuptools>=64,<81",
 ]

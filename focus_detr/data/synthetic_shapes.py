@@ -128,7 +128,10 @@ def _sample_box_size(
     range_index = int(rng.choice(len(SCALE_RANGE_EDGES) + 1, p=_SCALE_RANGE_WEIGHTS))
     low = _MIN_OBJECT_SIDE if range_index == 0 else SCALE_RANGE_EDGES[range_index - 1] * to_image
     high = long_side if range_index == 3 else SCALE_RANGE_EDGES[range_index] * to_image
-    max_side = rng.uniform(max(low, _MIN_OBJECT_SIDE), max(high, _MIN_OBJECT_SIDE + 1))
+    high = max(high, _MIN_OBJECT_SIDE + 1)
+    # With a small train_long_side the upper ranges would exceed the image: cap them at its size.
+    low = min(max(low, _MIN_OBJECT_SIDE), high)
+    max_side = rng.uniform(low, high)
     if range_index == 3:
         # The largest objects only fit when shaped like the image.
         aspect = float(np.clip(image_w / image_h, 1 / _MAX_ASPECT, _MAX_ASPECT))

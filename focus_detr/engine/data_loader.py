@@ -42,6 +42,11 @@ def build_resumable_train_loader(loader_cfg, *, start_iter: int = 0, seed: Optio
     Instantiate a ``build_detection_train_loader`` LazyConfig node with a
     :class:`ResumableTrainingSampler` that skips the samples of iterations before ``start_iter``.
 
+    The resumed batches are exactly those of an uninterrupted run only without aspect-ratio
+    grouping (``aspect_ratio_grouping=False``: the grouping holds images back for later batches,
+    and a checkpoint does not keep them) and, for random augmentations, without loader workers
+    (their random states are not checkpointed).
+
     Args:
         loader_cfg: the ``dataloader.train`` config node (``dataset``, ``mapper``,
             ``total_batch_size``, ...). A ``sampler`` given there is kept as it is.

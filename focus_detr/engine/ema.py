@@ -35,6 +35,11 @@ class ModelEMA:
         self.warmup = warmup
         self.updates = 0
 
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        """Set the average to ``model``'s current weights, e.g. after loading a checkpoint."""
+        self.module.load_state_dict(unwrap_model(model).state_dict())
+
     def current_decay(self) -> float:
         if self.warmup == 0:
             return self.decay

@@ -76,7 +76,9 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
     ema = None
     if _get(cfg, "train.ema.enabled", False):
         ema = ModelEMA(
-            model, decay=_get(cfg, "train.ema.decay", 0.9998), warmup=_get(cfg, "train.ema.warmup", 2000)
+            model,
+            decay=_get(cfg, "train.ema.decay", 0.9998),
+            warmup=_get(cfg, "train.ema.warmup", 2000),
         )
     ddp_model = wrap_ddp(model, **cfg.train.ddp)
     clip_enabled = _get(cfg, "train.clip_grad.enabled", True)
@@ -103,7 +105,6 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            RNGStateHook(),
             (
                 hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
                 if comm.is_main_process()
@@ -118,12 +119,21 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
                 if comm.is_main_process()
                 else None
             ),
+            # last: restores the random states of a resumed run after every other before_train
+            RNGStateHook(),
         ]
     )
+    seed = _get(cfg, "train.seed", -1)
+    # One shuffling seed for all processes; a resumed run takes the one of its checkpoint.
+    trainer.data_seed = seed if seed is not None and seed >= 0 else comm.shared_random_seed()
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    if ema is not None and ema.updates == 0:
+        # The average was copied from the model before the initial checkpoint (or a resumed
+        # checkpoint without EMA) was loaded: start it from the loaded weights instead.
+        ema.copy_from(model)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.data_loader = build_resumable_train_loader(
-        cfg.dataloader.train, start_iter=start_iter, seed=_get(cfg, "train.seed", -1)
+        cfg.dataloader.train, start_iter=start_iter, seed=trainer.data_seed
     )
     trainer.train(start_iter, cfg.train.max_iter)
     return results
@@ -132,6 +142,8 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
 def load_for_eval(cfg, model: torch.nn.Module, checkpoint: Optional[str] = None) -> None:
     """Load ``checkpoint`` (default ``cfg.train.init_checkpoint``); EMA weights when saved."""
     path = checkpoint or cfg.train.init_checkpoint
+    if not path:
+        logger.warning("No checkpoint to evaluate (train.init_checkpoint is empty)")
     extra = DetectionCheckpointer(model).load(path)
     if _get(cfg, "train.ema.enabled", False) and "ema" in extra:
         model.load_state_dict(extra["ema"]["model"])

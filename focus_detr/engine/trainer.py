@@ -54,6 +54,18 @@ class DETRTrainer(SimpleTrainer):
             self.device_type, enabled=amp and amp_dtype == torch.float16
         )
         self.ema = ema
+        # The shuffling seed of the training data, saved in checkpoints so that a resumed run
+        # keeps the sample order of the run it continues (see do_train).
+        self.data_seed: Optional[int] = None
+
+    def before_train(self) -> None:
+        # Creating the data loader iterator draws a seed from torch's global generator. Do it
+        # before the hooks' before_train, in which RNGStateHook restores the random states of a
+        # resumed checkpoint: a resumed run then continues the random streams of the run it
+        # resumes, which drew that seed before its first step as well.
+        if self.data_loader is not None:
+            self._data_loader_iter
+        super().before_train()
 
     def run_step(self) -> None:
         assert self.model.training, "[DETRTrainer] model was changed to eval mode!"
@@ -85,9 +97,13 @@ class DETRTrainer(SimpleTrainer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["grad_scaler"] = self.grad_scaler.state_dict()
+        if self.data_seed is not None:
+            state["data_seed"] = self.data_seed
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         if "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        if "data_seed" in state_dict:
+            self.data_seed = int(state_dict["data_seed"])

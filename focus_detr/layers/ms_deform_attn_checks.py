@@ -22,10 +22,10 @@ def check_inputs(
     """
     Checks the arguments of :func:`multi_scale_deformable_attention` (same shapes).
 
-    Ranks, sizes, dtypes and devices are checked, except under ``torch.jit.trace``. The contents of ``spatial_shapes`` and
-    ``level_start_index`` (positive sizes, sum(h * w) == Nv, exclusive cumulative sum) are
-    checked in eager mode only: reading them is a synchronisation on CUDA and impossible while
-    tracing.
+    Ranks, sizes, dtypes and devices are checked, except under ``torch.jit.trace``. The
+    contents of ``spatial_shapes`` and ``level_start_index`` (positive sizes, sum(h * w) == Nv,
+    exclusive cumulative sum) are checked in eager mode only: reading them is a synchronisation
+    on CUDA and impossible while tracing.
 
     Raises:
         ValueError: with the offending shapes, dtypes, devices or values.
@@ -42,7 +42,8 @@ def check_inputs(
         )
     if attention_weights.dim() != 5:
         raise ValueError(
-            f"attention_weights must be (B, Nq, H, L, P), got shape {tuple(attention_weights.shape)}"
+            "attention_weights must be (B, Nq, H, L, P), got shape "
+            f"{tuple(attention_weights.shape)}"
         )
     num_values = value.shape[1]
     num_levels = sampling_locations.shape[3]
@@ -55,7 +56,7 @@ def check_inputs(
         ("batch", (value.shape[0], sampling_locations.shape[0], attention_weights.shape[0])),
         ("heads", (value.shape[2], sampling_locations.shape[2], attention_weights.shape[2])),
     ):
-        if len(set(sizes)) != 1:
+        if not sizes[0] == sizes[1] == sizes[2]:  # no set(): symbolic sizes are unhashable
             raise ValueError(f"The {what} sizes {sizes} of {shapes} disagree")
     for what, dim in (("queries", 1), ("levels", 3), ("points", 4)):
         if sampling_locations.shape[dim] != attention_weights.shape[dim]:
@@ -93,7 +94,7 @@ def check_inputs(
         "sampling_locations": sampling_locations.device,
         "attention_weights": attention_weights.device,
     }
-    if len(set(devices.values())) != 1:
+    if any(device != value.device for device in devices.values()):
         described = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"All inputs must be on one device, got {described}")
     if not _can_read_values(spatial_shapes, level_start_index):

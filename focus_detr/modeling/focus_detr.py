@@ -92,8 +92,9 @@ class FocusDETR(nn.Module):
             module_levels = getattr(module, "num_levels", num_levels)
             if module_levels != num_levels:
                 raise ValueError(
-                    f"{name}.num_levels={module_levels} but the backbone features {list(in_features)}"
-                    f" plus num_extra_levels={num_extra_levels} give {num_levels} levels"
+                    f"{name}.num_levels={module_levels} but the backbone features "
+                    f"{list(in_features)} plus num_extra_levels={num_extra_levels} give "
+                    f"{num_levels} levels"
                 )
         self.position_embedding = position_embedding or PositionEmbeddingSine(
             num_pos_feats=hidden_dim // 2
@@ -200,12 +201,12 @@ class FocusDETR(nn.Module):
                 self._decoder_outputs(class_logits, boxes, selection, denoise), targets, denoise
             )
             losses["loss_foreground"] = self._foreground_loss(encoded, flat, targets)
+            if denoise is None:
+                # A batch without boxes builds no denoising queries: keep the label embedding in
+                # the graph so DistributedDataParallel finds a gradient for every parameter.
+                unused = sum(parameter.sum() for parameter in self.denoising.parameters())
+                losses["loss_class_dn"] = losses["loss_class_dn"] + 0.0 * unused
             return losses
-        if denoise is not None:  # pragma: no cover - denoising is only built in training
-            class_logits, boxes = (
-                class_logits[:, :, denoise.pad_size :],
-                boxes[:, :, denoise.pad_size :],
-            )
         return self._postprocess(class_logits[-1], boxes[-1], images, batched_inputs)
 
     def _decoder_outputs(self, class_logits, boxes, selection, denoise) -> Dict:

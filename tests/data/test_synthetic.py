@@ -107,6 +107,18 @@ def test_annotations_are_valid_coco(tmp_path):
     assert len({(image["width"], image["height"]) for image in coco["images"]}) > 10
 
 
+def test_small_train_long_side_caps_object_sizes_at_the_image(tmp_path):
+    # a training long side under 256 makes the largest scale range exceed the image
+    config = ShapesConfig(seed=1, min_size=64, max_size=96, train_long_side=96)
+    coco = json.loads(_read_json(_generate(tmp_path, num_images=12, config=config)))
+    sizes = {image["id"]: (image["width"], image["height"]) for image in coco["images"]}
+    assert coco["annotations"]
+    for annotation in coco["annotations"]:
+        x, y, w, h = annotation["bbox"]
+        width, height = sizes[annotation["image_id"]]
+        assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
+
+
 def test_objects_overlap_but_never_vanish(tmp_path):
     coco = json.loads(_read_json(_generate(tmp_path, num_images=30)))
     boxes_per_image = {}

@@ -1,6 +1,7 @@
 # Focus-DETR with a ResNet-50 backbone, 4 scales (res3-res5 + one stride-2 level), reference
 # hyperparameters of SPEC.md: hidden 256, 8 heads, 6 + 6 layers, FFN 2048, 4 points, 900 queries,
-# keep ratio 0.5 with factors (1.0, 0.8, 0.6, 0.6, 0.4, 0.2), top-300 dual attention, 100 DN queries.
+# keep ratio 0.5 with factors (1.0, 0.8, 0.6, 0.6, 0.4, 0.2), top-300 dual attention,
+# 100 denoising queries.
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem, ResNet
 

@@ -5,11 +5,14 @@
 // backward pass the per-sample dot products are reduced with warp shuffles (the row is owned by
 // one warp, so the gradients of locations and weights need no atomics); grad_value is
 // accumulated with atomicAdd.
+//
+// Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuSPARSE and
+// cuBLAS headers that a bare CUDA toolkit may not have).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
@@ -240,7 +243,7 @@ at::Tensor ms_deform_attn_forward_cuda(
   if (s.rows == 0 || m.head_dim == 0) {
     return output.zero_();
   }
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     forward_kernel<scalar_t><<<num_blocks(s.rows), kThreadsPerBlock, 0, stream>>>(
         value_c.const_data_ptr<scalar_t>(), shapes_c.const_data_ptr<int64_t>(),
@@ -275,7 +278,7 @@ GradTriple ms_deform_attn_backward_cuda(
   if (s.rows == 0) {
     return {grad_value, grad_locations, grad_weights};
   }
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
     backward_kernel<scalar_t><<<num_blocks(s.rows), kThreadsPerBlock, 0, stream>>>(
         value_c.const_data_ptr<scalar_t>(), shapes_c.const_data_ptr<int64_t>(),

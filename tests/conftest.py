@@ -1,0 +1,41 @@
+"""Shared fixtures; the tiny models and inputs themselves live in ``tests/helpers.py``."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# `import helpers` from any test folder, in every pytest import mode, and in processes spawned by
+# detectron2's `launch` (they receive this sys.path).
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """
+    One intra-op thread for a module of tiny-model tests (``pytestmark =
+    pytest.mark.usefixtures("single_thread")``). Their ops are too small to gain from more
+    threads, and on a busy CI runner OpenMP threads that spin against other processes made
+    these tests several times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh tiny Focus-DETR (3 classes, 32 channels) in training mode."""
+    return helpers.build_tiny_model().train()
+
+
+@pytest.fixture
+def tiny_batched_inputs():
+    """Two images of 200x250 and 200x249; the first with two boxes, the second without."""
+    return helpers.make_batched_inputs()

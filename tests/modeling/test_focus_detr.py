@@ -1,0 +1,189 @@
+"""Integration tests of the FocusDETR meta-architecture: a tiny model on tiny, odd-sized inputs."""
+
+import pytest
+import torch
+from detectron2.config import instantiate
+from helpers import build_tiny_model, make_batched_inputs, tiny_model_config
+
+from focus_detr.modeling import FocusDETR
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# The loss terms of one training step: last layer, the auxiliary layer (2 decoder layers), the
+# two-stage encoder output, denoising for both layers, and the foreground token selector.
+EXPECTED_LOSSES = {
+    f"loss_{term}{suffix}"
+    for term in ("class", "bbox", "giou")
+    for suffix in ("", "_0", "_enc", "_dn", "_dn_0")
+} | {"loss_foreground"}
+
+
+def _check_losses(losses):
+    assert set(losses) == EXPECTED_LOSSES
+    for name, value in losses.items():
+        assert value.dim() == 0, f"{name} has shape {tuple(value.shape)}"
+        assert torch.isfinite(value), f"{name} = {value}"
+
+
+def _check_gradients(model):
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    not_finite = [
+        n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()
+    ]
+    assert not not_finite, f"non-finite gradients: {not_finite}"
+
+
+def _train_step(model, inputs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    losses = model(inputs)
+    _check_losses(losses)
+    sum(losses.values()).backward()
+    _check_gradients(model)
+    return losses
+
+
+def _check_predictions(outputs, inputs, num_classes=3, num_select=10):
+    assert len(outputs) == len(inputs)
+    for output, per_image in zip(outputs, inputs):
+        instances = output["instances"]
+        height = per_image.get("height", per_image["image"].shape[1])
+        width = per_image.get("width", per_image["image"].shape[2])
+        assert instances.image_size == (height, width)
+        boxes = instances.pred_boxes.tensor
+        assert 0 < len(instances) <= num_select
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= width).all()
+        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= height).all()
+        assert (boxes[:, 2:] >= boxes[:, :2]).all()
+        assert ((instances.scores >= 0) & (instances.scores <= 1)).all()
+        assert ((instances.pred_classes >= 0) & (instances.pred_classes < num_classes)).all()
+
+
+def test_train_odd_sizes_with_an_empty_image(tiny_model, tiny_batched_inputs):
+    # 200x250 and 200x249 in one batch: the second image is padded; it has no boxes.
+    assert len(tiny_batched_inputs[1]["instances"]) == 0
+    _train_step(tiny_model, tiny_batched_inputs)
+
+
+def test_all_images_empty_gives_finite_losses(tiny_model):
+    inputs = make_batched_inputs(boxes=[[], []])
+    tiny_model.train()
+    losses = tiny_model(inputs)
+    _check_losses(losses)
+    # no box, nothing matched: the box losses are exactly zero, the class losses are not
+    assert losses["loss_bbox"] == 0 and losses["loss_giou_dn"] == 0
+    assert losses["loss_class"] > 0
+    sum(losses.values()).backward()
+
+
+def test_every_parameter_gets_a_gradient_without_boxes(tiny_model):
+    _train_step(tiny_model, make_batched_inputs(boxes=[[], []]))
+
+
+def test_eval_odd_sizes_in_original_coordinates(tiny_batched_inputs):
+    model = build_tiny_model().eval()
+    with torch.no_grad():
+        outputs = model(tiny_batched_inputs)
+    _check_predictions(outputs, tiny_batched_inputs)
+    # height/width are twice the input size: some boxes must reach past the input size
+    assert outputs[0]["instances"].pred_boxes.tensor[:, 2].max() > 250
+
+    # The same input at original size = input size: identical predictions at half the scale.
+    same_size = [
+        {"image": x["image"], "height": x["image"].shape[1], "width": x["image"].shape[2]}
+        for x in tiny_batched_inputs
+    ]
+    with torch.no_grad():
+        unscaled = model(same_size)
+    _check_predictions(unscaled, same_size)
+    for scaled, plain in zip(outputs, unscaled):
+        scaled, plain = scaled["instances"], plain["instances"]
+        torch.testing.assert_close(scaled.scores, plain.scores)
+        assert torch.equal(scaled.pred_classes, plain.pred_classes)
+        torch.testing.assert_close(scaled.pred_boxes.tensor, 2 * plain.pred_boxes.tensor)
+
+
+def test_eval_without_original_size_and_without_instances():
+    model = build_tiny_model().eval()
+    inputs = [{"image": x["image"]} for x in make_batched_inputs()]
+    with torch.no_grad():
+        outputs = model(inputs)
+    _check_predictions(outputs, inputs)
+
+
+@pytest.mark.parametrize(
+    "sizes,boxes",
+    [
+        (((64, 64), (32, 200)), [[[4, 6, 40, 50]], [[10, 2, 150, 30], [0, 0, 20, 20]]]),
+        (((32, 200), (64, 64)), [[], [[30, 10, 60, 64]]]),
+    ],
+)
+def test_small_images_train_and_infer(tiny_model, sizes, boxes):
+    # Images smaller than topk_sa and than the query count of the reference on some levels; the
+    # 32-pixel side gives a 1-row stride-32 level and a 1-row stride-64 level.
+    inputs = make_batched_inputs(sizes, boxes)
+    _train_step(tiny_model, inputs)
+    tiny_model.eval()
+    with torch.no_grad():
+        outputs = tiny_model(inputs)
+    _check_predictions(outputs, inputs)
+
+
+def test_degenerate_boxes_do_not_give_nan(tiny_model):
+    # zero width, zero height, and a box entirely outside the image next to a normal box
+    boxes = [
+        [[30, 20, 30, 120], [10, 60, 150, 60], [300, 10, 320, 50], [20, 20, 120, 150]],
+        [[50, 50, 50, 90]],
+    ]
+    _train_step(tiny_model, make_batched_inputs(boxes=boxes))
+
+
+def test_training_is_reproducible_with_the_same_seed(tiny_batched_inputs):
+    # Denoising noise is the only randomness of a step: same seed, same losses.
+    model = build_tiny_model().train()
+    torch.manual_seed(3)
+    first = model(tiny_batched_inputs)
+    torch.manual_seed(3)
+    second = model(tiny_batched_inputs)
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], msg=name)
+
+
+def _parts(cfg):
+    """The instantiated constructor arguments of a FocusDETR config node."""
+    return {key: instantiate(value) for key, value in cfg.items() if key != "_target_"}
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"num_classes": 0}, "num_classes"),
+        ({"num_select": 0}, "num_select"),
+        ({"input_format": "YUV"}, "input_format"),
+        ({"pixel_std": [1.0, 0.0, 1.0]}, "pixel_std"),
+        ({"foreground_loss_weight": -1.0}, "foreground_loss_weight"),
+    ],
+)
+def test_bad_values_raise(overrides, match):
+    parts = _parts(tiny_model_config())
+    parts.update(overrides)
+    with pytest.raises(ValueError, match=match):
+        FocusDETR(**parts)
+
+
+@pytest.mark.parametrize(
+    "module,key,value",
+    [
+        ("encoder", "num_levels", 3),  # the neck gives res3-res5 + 1 extra level = 4 levels
+        ("decoder", "num_levels", 5),
+        (None, "num_extra_levels", 0),  # 3 levels from the neck, 4 in encoder and decoder
+        (None, "in_features", ["res4", "res5"]),
+    ],
+)
+def test_levels_inconsistent_with_the_neck_raise(module, key, value):
+    cfg = tiny_model_config()
+    (cfg[module] if module else cfg)[key] = value
+    with pytest.raises(ValueError, match="num_levels"):
+        FocusDETR(**_parts(cfg))

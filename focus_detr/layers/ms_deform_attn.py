@@ -60,11 +60,15 @@ class MultiScaleDeformableAttention(nn.Module):
     def reset_parameters(self) -> None:
         """Offsets start on a ring of unit directions (one per head) scaled by point index + 1."""
         nn.init.zeros_(self.sampling_offsets.weight)
-        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (
+            2.0 * math.pi / self.num_heads
+        )
         directions = torch.stack([angles.cos(), angles.sin()], dim=-1)
         directions = directions / directions.abs().max(dim=-1, keepdim=True).values
         scale = torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-        bias = directions.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        bias = directions.view(self.num_heads, 1, 1, 2).repeat(
+            1, self.num_levels, self.num_points, 1
+        )
         with torch.no_grad():
             self.sampling_offsets.bias.copy_((bias * scale).flatten())
         nn.init.zeros_(self.attention_weights.weight)

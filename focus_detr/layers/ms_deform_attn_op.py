@@ -48,7 +48,7 @@ def _op_defined(name: str) -> bool:
 
 
 _EXTENSION = load_extension()
-_LIB = torch.library.Library("focus_detr", "FRAGMENT")  # noqa: TOR901
+_LIB = torch.library.Library("focus_detr", "FRAGMENT")
 if not _op_defined("ms_deform_attn"):
     _LIB.define(FORWARD_SCHEMA)
     _LIB.define(BACKWARD_SCHEMA)

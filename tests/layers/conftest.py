@@ -59,6 +59,9 @@ def msda_inputs() -> Callable[..., MsdaInputs]:
 
 @pytest.fixture
 def compiled_cpu() -> None:
-    """Skips the test when focus_detr._C (CPU kernels) is not built."""
+    """Skips the test when the CPU kernels of focus_detr._C are not loaded."""
     if not compiled_kernel_available("cpu"):
-        pytest.skip("focus_detr._C is not built: run `pip install --no-build-isolation -e .`")
+        pytest.skip(
+            "focus_detr._C is not loaded (not built: run `pip install --no-build-isolation -e .`,"
+            " or disabled with FOCUS_DETR_DISABLE_EXTENSION=1)"
+        )

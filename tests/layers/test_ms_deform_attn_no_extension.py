@@ -58,6 +58,7 @@ def test_import_and_run_without_extension(how):
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(focus_detr.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("FOCUS_DETR_DISABLE_EXTENSION", None)
     if how == "env":
         env["FOCUS_DETR_DISABLE_EXTENSION"] = "1"
     result = subprocess.run(

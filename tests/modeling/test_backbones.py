@@ -187,6 +187,9 @@ def test_vit_square_padding_is_honoured():
     images = model.preprocess_image(make_batched_inputs(ODD_SIZES))
     assert tuple(images.tensor.shape[-2:]) == (160, 160)
     assert [tuple(size) for size in images.image_sizes] == list(ODD_SIZES)
+    # larger images cannot be padded to the square (a single one would be cropped silently)
+    with pytest.raises(ValueError, match="square_size=160"):
+        model.preprocess_image(make_batched_inputs([(97, 161)]))
 
 
 @pytest.mark.parametrize("backbone_levels, extra_levels", [(3, 0), (3, 1), (4, 0), (5, 0)])

@@ -71,6 +71,8 @@ setup(
         "tqdm",
         "matplotlib",
         "opencv-python-headless",
+        # detectron2's ViT, MViTv2 and Swin (drop path) import timm
+        "timm",
     ],
     extras_require={"dev": ["pytest", "black", "isort", "flake8"]},
     ext_modules=ext_modules,

@@ -127,10 +127,14 @@ class FocusDETR(nn.Module):
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalize and pad the images: (B, 3, H, W) with the backbone's padding constraints."""
         images = [self._normalize(x["image"].to(self.device)) for x in batched_inputs]
+        padding_constraints = self.backbone.padding_constraints
+        square_size = padding_constraints.get("square_size", 0)
+        if square_size > 0 and any(max(image.shape[-2:]) > square_size for image in images):
+            # ImageList would crop the image silently (negative padding)
+            sizes = [tuple(image.shape[-2:]) for image in images]
+            raise ValueError(f"images {sizes} do not fit the backbone's square_size={square_size}")
         return ImageList.from_tensors(
-            images,
-            self.backbone.size_divisibility,
-            padding_constraints=self.backbone.padding_constraints,
+            images, _size_divisibility(self.backbone), padding_constraints=padding_constraints
         )
 
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
@@ -255,11 +259,27 @@ class FocusDETR(nn.Module):
         return processed
 
 
+def _size_divisibility(backbone: Backbone) -> int:
+    try:
+        return backbone.size_divisibility
+    except AttributeError:
+        # detectron2's SwinTransformer stores `_size_devisibility` (sic): its
+        # `size_divisibility` property raises AttributeError
+        return getattr(backbone, "_size_devisibility", 0)
+
+
 def _default_ranges(
     num_levels: int, ranges: Optional[Sequence[Tuple[float, float]]]
 ) -> List[Tuple[float, float]]:
     if ranges is not None:
-        return [tuple(r) for r in ranges]
+        ranges = [tuple(r) for r in ranges]
+        if len(ranges) != num_levels:
+            raise ValueError(
+                f"foreground_ranges has {len(ranges)} ranges {ranges} but the model has "
+                f"{num_levels} feature levels: give one (lo, hi] range per level, or None for "
+                "the reference ranges extended to the number of levels"
+            )
+        return ranges
     # The reference's (-1, 64], (64, 128], (128, 256], (256, inf) for 4 levels: level l up to
     # 64 * 2^l, the last level unbounded.
     bounds = [-1.0] + [64.0 * 2**level for level in range(num_levels - 1)] + [math.inf]

@@ -1,7 +1,8 @@
 # The README's main job: Focus-DETR trained from scratch on the built-in synthetic shapes dataset
 # on a 2-core CPU in minutes. The full Focus encoder (foreground token selector, cascade
 # sparsification, dual attention) and DINO decoder (two-stage queries, contrastive denoising), with
-# a narrow ResNet-18-style backbone, 128 channels, 3 + 3 layers and 100 queries.
+# a narrow ResNet-18-style backbone, 128 channels, 4 heads, 3 + 3 layers and 100 queries, trained
+# in bfloat16 autocast on images of long side 256.
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
@@ -34,14 +35,19 @@ model.backbone = L(ResNet)(
 model.num_classes = 6
 model.hidden_dim = 128
 model.encoder.num_layers = 3
+model.encoder.num_heads = 4
 model.encoder.layer_keep_factors = (1.0, 0.8, 0.6)
-model.encoder.ffn_dim = 512
+model.encoder.ffn_dim = 256
 model.encoder.topk_sa = 64
 model.decoder.num_layers = 3
-model.decoder.feedforward_dim = 512
+model.decoder.num_heads = 4
+model.decoder.feedforward_dim = 256
 model.query_selection.num_queries = 100
 model.denoising.dn_number = 50
 model.num_select = 100
+# The dataset's object sizes span the reference ranges (64 / 128 / 256 pixels) at a long side of
+# 320; the demo trains at 256, so the foreground ranges scale by 0.8 to keep four size classes.
+model.foreground_ranges = [(-1, 51.2), (51.2, 102.4), (102.4, 204.8), (204.8, float("inf"))]
 
 train.device = "cpu"
 # plain BatchNorm (trained from scratch): with several processes, rank 0 broadcasts its statistics
@@ -49,10 +55,11 @@ train.ddp.broadcast_buffers = True
 train.seed = 0
 train.init_checkpoint = ""
 train.output_dir = "./output/demo_shapes"
+train.amp.enabled = True  # bfloat16 autocast: 1.3x faster on CPUs with AVX-512 BF16
 train.max_iter = 1000
 train.eval_period = 1000
 train.log_period = 20
-train.checkpointer.period = 500
+train.checkpointer.period = 1000
 
 optimizer.lr = 4e-4
 optimizer.params.lr_factor_func.keywords["factor"] = 1.0  # backbone trained from scratch

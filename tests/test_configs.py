@@ -187,11 +187,11 @@ def test_demo_dataloaders_and_evaluator_on_tiny_shapes(tmp_path):
     batch = next(iter(instantiate(cfg.dataloader.train)))
     assert len(batch) == 2
     for item in batch:
-        # the demo trains at a long side of 320 pixels
-        assert max(item["image"].shape[1:]) == 320
+        # the demo trains at a long side of 256 pixels
+        assert max(item["image"].shape[1:]) == 256
         assert len(item["instances"]) > 0
     (item,) = next(iter(instantiate(cfg.dataloader.test)))
-    assert max(item["image"].shape[1:]) == 320
+    assert max(item["image"].shape[1:]) == 256
     assert max(item["height"], item["width"]) <= 96
 
     evaluator = instantiate(cfg.dataloader.evaluator)

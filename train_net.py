@@ -12,6 +12,8 @@ import logging
 
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from focus_detr.engine import build_model, do_test, do_train, load_for_eval, wrap_ddp
 
@@ -22,6 +24,9 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    # focus_detr's own messages (dataset generation progress, extension fallback) next to
+    # detectron2's, on the console and in the output folder's log
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="focus_detr")
     if args.eval_only:
         model = build_model(cfg)
         load_for_eval(cfg, model)

@@ -7,4 +7,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 focus_detr_setup --dev
 cd "$ROOT"
-exec "$PYTHON" -m pytest tests -q "$@"
+# no arguments: pyproject.toml's testpaths (tests/)
+exec "$PYTHON" -m pytest -q "$@"

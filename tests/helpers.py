@@ -8,6 +8,7 @@ in well under a second per step on small images.
 """
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -237,3 +238,13 @@ def train_net_worker(dataset_root: str, name_prefix: str, argv: Sequence[str]) -
         },
         os.path.join(cfg.train.output_dir, f"rank{comm.get_rank()}.pth"),
     )
+
+
+def read_metrics(output_dir):
+    """The records of ``metrics.json`` written by detectron2's JSONWriter."""
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+# EMA settings of the engine tests: a strong pull, no warm-up, so two iterations show it.
+TEST_EMA = dict(enabled=True, decay=0.5, warmup=0)

@@ -1,11 +1,9 @@
 """
 End-to-end tests of the training engine (focus_detr.engine and train_net.py) on a tiny model and a
-tiny synthetic shapes dataset: outputs, checkpoints, exact resume, EMA, AMP, gradient clipping,
-two-process data parallelism and evaluation-only runs.
+tiny synthetic shapes dataset: outputs, checkpoints, EMA, AMP, gradient clipping and
+evaluation-only runs (exact resume and data parallelism: test_resume_and_parallel.py).
 """
 
-import datetime
-import json
 import math
 import os
 import subprocess
@@ -14,39 +12,27 @@ import types
 
 import pytest
 import torch
-from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.utils.env import seed_all_rng
-from fvcore.common.param_scheduler import CosineParamScheduler
 from helpers import (
     REPO_ROOT,
+    TEST_EMA,
     build_tiny_model,
     import_train_net,
     make_batched_inputs,
-    register_tiny_shapes,
+    read_metrics,
     tiny_train_config,
-    train_net_worker,
 )
 
 from focus_detr.engine import DETRTrainer, build_model, do_train, load_for_eval, train_loop
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-EMA = dict(enabled=True, decay=0.5, warmup=0)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """A 4 + 2 image synthetic dataset (64..96 pixels) registered under a unique name."""
-    root = str(tmp_path_factory.mktemp("shapes"))
-    prefix = f"test_training_{os.getpid()}"
-    return types.SimpleNamespace(root=root, prefix=prefix, names=register_tiny_shapes(root, prefix))
-
 
 def _ema_config(output_dir, shapes, **kwargs):
     cfg = tiny_train_config(output_dir, shapes.names, **kwargs)
-    cfg.train.ema = dict(EMA)
+    cfg.train.ema = dict(TEST_EMA)
     return cfg
 
 
@@ -59,17 +45,12 @@ def trained_run(tmp_path_factory, shapes):
     return types.SimpleNamespace(output_dir=output_dir, results=results)
 
 
-def _metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_do_train_evaluates_and_writes_metrics_events_and_checkpoints(trained_run):
     bbox = trained_run.results["bbox"]
     assert {"AP", "AP50", "AP75"} <= set(bbox)
     assert all(0.0 <= bbox[key] <= 100.0 for key in ("AP", "AP50", "AP75"))
 
-    records = _metrics(trained_run.output_dir)
+    records = read_metrics(trained_run.output_dir)
     losses = [r for r in records if "total_loss" in r]
     assert [r["iteration"] for r in losses] == [0, 1]
     for record in losses:
@@ -147,86 +128,6 @@ def test_eval_only_with_init_checkpoint_through_train_net(trained_run, shapes, t
     assert results["bbox"]["AP"] == pytest.approx(trained_run.results["bbox"]["AP"])
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def test_resume_continues_iterations_schedule_random_streams_and_losses(
-    shapes, tmp_path, monkeypatch
-):
-    """
-    Run 4 iterations; run 2, interrupt, resume to 4. The resumed iterations must reproduce the
-    uninterrupted ones exactly: iteration counter, LR (a cosine schedule, so every iteration has
-    its own LR), data order (sampler started after the samples already seen), augmentation
-    (random flips: NumPy state) and denoising noise (torch state) all continue. This needs no
-    loader workers (their random states are not checkpointed) and no aspect-ratio grouping
-    (its buckets may hold images of the next batch, which a checkpoint does not keep).
-    """
-    first, total = 2, 4
-    records = {}
-    stop_at = [None]
-    run_step = DETRTrainer.run_step
-
-    def recording_run_step(self):
-        if self.iter == stop_at[0]:
-            raise _Interrupted()
-        lr = self.optimizer.param_groups[0]["lr"]
-        run_step(self)
-        latest = self.storage.latest()
-        records[self.iter] = {"lr": lr}
-        records[self.iter].update(
-            {k: v for k, (v, it) in latest.items() if "loss" in k and it == self.iter}
-        )
-
-    monkeypatch.setattr(DETRTrainer, "run_step", recording_run_step)
-
-    def config(output_dir):
-        cfg = tiny_train_config(output_dir, shapes.names, max_iter=total, flip=True)
-        cfg.lr_multiplier.scheduler = L(CosineParamScheduler)(start_value=1.0, end_value=0.1)
-        cfg.train.checkpointer.period = first
-        cfg.train.ema = dict(EMA)
-        del cfg.dataloader.evaluator  # no evaluation
-        return cfg
-
-    seed_all_rng(0)
-    do_train(config(tmp_path / "uninterrupted"))
-    uninterrupted = dict(records)
-    assert sorted(uninterrupted) == [0, 1, 2, 3]
-
-    records.clear()
-    seed_all_rng(0)
-    stop_at[0] = first
-    with pytest.raises(_Interrupted):
-        do_train(config(tmp_path / "resumed"))
-    assert sorted(records) == [0, 1]
-    with open(tmp_path / "resumed" / "last_checkpoint") as f:
-        assert f.read().strip() == "model_0000001.pth"
-
-    records.clear()
-    seed_all_rng(1234)  # resuming must not depend on the random state it starts with
-    stop_at[0] = None
-    do_train(config(tmp_path / "resumed"), resume=True)
-    assert sorted(records) == [2, 3]
-    assert records[2]["lr"] != uninterrupted[0]["lr"]
-    for iteration in (2, 3):
-        assert set(records[iteration]) == set(uninterrupted[iteration])
-        for key, value in records[iteration].items():
-            assert value == pytest.approx(uninterrupted[iteration][key], rel=1e-5), (iteration, key)
-
-    logged = [r["iteration"] for r in _metrics(tmp_path / "resumed") if "total_loss" in r]
-    assert logged == [0, 1, 2, 3]
-    final = {}
-    for name in ("uninterrupted", "resumed"):
-        final[name] = torch.load(tmp_path / name / "model_final.pth", weights_only=True)
-        assert final[name]["trainer"]["iteration"] == total - 1
-    for weights in ("model", "ema"):
-        expected = final["uninterrupted"][weights]
-        for key, value in expected.get("model", expected).items():
-            got = final["resumed"][weights]
-            torch.testing.assert_close(got.get("model", got)[key], value, msg=(weights, key))
-    assert final["resumed"]["ema"]["updates"] == total
-
-
 def test_ema_starts_from_the_initial_checkpoint(trained_run, shapes, tmp_path):
     initial = os.path.join(trained_run.output_dir, "model_final.pth")
     cfg = _ema_config(tmp_path, shapes, max_iter=1)
@@ -237,7 +138,7 @@ def test_ema_starts_from_the_initial_checkpoint(trained_run, shapes, tmp_path):
     checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=True)
     after, ema = checkpoint["model"], checkpoint["ema"]["model"]
     # one update with decay 0.5 from the loaded weights (not from the random initialization)
-    decay = EMA["decay"]
+    decay = TEST_EMA["decay"]
     for key, value in ema.items():
         if value.is_floating_point():
             expected = decay * before[key] + (1 - decay) * after[key]
@@ -261,7 +162,7 @@ def test_amp_bfloat16_on_cpu(shapes, tmp_path, monkeypatch):
     del cfg.dataloader.evaluator
     do_train(cfg)
     assert dtypes and set(dtypes) == {torch.bfloat16}
-    losses = [r for r in _metrics(tmp_path) if "total_loss" in r]
+    losses = [r for r in read_metrics(tmp_path) if "total_loss" in r]
     assert [r["iteration"] for r in losses] == [0, 1]
     assert all(math.isfinite(r[k]) for r in losses for k in r if "loss" in k)
     weights = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
@@ -298,32 +199,6 @@ def test_gradient_clipping_bounds_the_update_and_logs_the_norm():
     unclipped_update, storage = _one_sgd_step(None)
     assert unclipped_update == pytest.approx(grad_norm, rel=1e-3)
     assert "grad_norm" not in storage.histories()
-
-
-def test_two_processes_data_parallel_on_cpu(shapes, tmp_path):
-    output_dir = tmp_path / "ddp"
-    config_file = tmp_path / "config.yaml"
-    LazyConfig.save(tiny_train_config(output_dir, shapes.names, max_iter=2), str(config_file))
-    argv = ["--config-file", str(config_file), "--num-gpus", "2"]
-    launch(
-        train_net_worker,
-        2,
-        dist_url="auto",
-        args=(shapes.root, shapes.prefix, argv),
-        timeout=datetime.timedelta(minutes=1),
-    )
-    ranks = [torch.load(output_dir / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
-    assert [(s["rank"], s["world_size"]) for s in ranks] == [(0, 2), (1, 2)]
-    # Gradients are averaged across the processes: their parameters stay identical. (Buffers
-    # need not: the demo backbone's BatchNorm statistics are per process.)
-    checkpoint = torch.load(output_dir / "model_final.pth", weights_only=True)
-    for key, value in ranks[0]["parameters"].items():
-        assert torch.equal(ranks[1]["parameters"][key], value), key
-        assert torch.equal(checkpoint["model"][key], value), key
-    assert checkpoint["trainer"]["iteration"] == 1
-    logged = [r for r in _metrics(output_dir) if "total_loss" in r]
-    assert [r["iteration"] for r in logged] == [0, 1]
-    assert (output_dir / "config.yaml").exists()
 
 
 def test_train_net_help():

@@ -26,6 +26,8 @@ focus_detr_setup() {
   [ "${1:-}" = "--dev" ] && dev=1
   command -v "$PYTHON" >/dev/null 2>&1 \
     || _fail "no Python interpreter '$PYTHON'" "install Python >= 3.9 or set PYTHON=/path/to/python"
+  # absolute, so that checks can run from / (where this checkout cannot shadow the install)
+  PYTHON="$(cd "$(dirname "$(command -v "$PYTHON")")" && pwd)/$(basename "$(command -v "$PYTHON")")"
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
     || _fail "$("$PYTHON" --version 2>&1) is too old" "use Python >= 3.9 (set PYTHON=...)"
 
@@ -61,7 +63,7 @@ nms(torch.zeros(1, 4), torch.zeros(1), 0.5)' >/dev/null 2>&1; then
   local stamp
   stamp="$(cd "$FOCUS_DETR_ROOT" && { "$PYTHON" -c 'import torch; print(torch.__version__)'; echo "FORCE_CUDA=${FORCE_CUDA:-0}"; cat setup.py; find focus_detr/csrc -type f -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -d' ' -f1)"
   if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
-    && "$PYTHON" - "$FOCUS_DETR_ROOT" >/dev/null 2>&1 <<'PY'
+    && (cd / && "$PYTHON" - "$FOCUS_DETR_ROOT" >/dev/null 2>&1) <<'PY'
 import os, sys
 import focus_detr
 from focus_detr.layers import extension_available
@@ -78,7 +80,7 @@ PY
     mkdir -p "$(dirname "$stamp_file")"
     echo "$stamp" >"$stamp_file"
   fi
-  "$PYTHON" -c 'import focus_detr.layers' \
+  (cd / && "$PYTHON" -c 'import focus_detr.layers') \
     || _fail "import focus_detr after installing it" "run: $PYTHON -c 'import focus_detr.layers' to see the error"
   _say "ready"
 }

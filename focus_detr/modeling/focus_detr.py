@@ -9,7 +9,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from .detection_targets import instances_to_targets, predictions_to_instances
-from .foreground_targets import compute_foreground_targets, foreground_loss
+from .foreground_targets import ForegroundLoss
 from .multi_scale import encoder_reference_points, flatten_levels, level_padding_masks
 from .neck import MultiScaleNeck
 from .position_encoding import PositionEmbeddingSine
@@ -108,10 +108,15 @@ class FocusDETR(nn.Module):
         self.criterion = criterion
         self.num_classes = num_classes
         self.num_select = num_select
-        self.foreground_ranges = _default_ranges(num_levels, foreground_ranges)
-        self.foreground_loss_weight = foreground_loss_weight
-        self.foreground_focal_alpha = foreground_focal_alpha
-        self.foreground_focal_gamma = foreground_focal_gamma
+        self.foreground_criterion = ForegroundLoss(
+            strides=self.neck.strides,
+            ranges=(
+                _default_ranges(num_levels) if foreground_ranges is None else foreground_ranges
+            ),
+            alpha=foreground_focal_alpha,
+            gamma=foreground_focal_gamma,
+            weight=foreground_loss_weight,
+        )
         self.input_format = input_format
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -123,6 +128,11 @@ class FocusDETR(nn.Module):
     @property
     def strides(self) -> List[int]:
         return self.neck.strides
+
+    @property
+    def foreground_ranges(self) -> List[Tuple[float, float]]:
+        """The (lo, hi] object-size range of every level for the foreground targets."""
+        return self.foreground_criterion.ranges
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalize and pad the images: (B, 3, H, W) with the backbone's padding constraints."""
@@ -234,20 +244,12 @@ class FocusDETR(nn.Module):
     def _foreground_loss(self, encoded, flat, targets) -> torch.Tensor:
         if encoded.foreground_logits is None:
             return flat.tokens.sum() * 0.0
-        foreground = compute_foreground_targets(
-            [t["boxes_xyxy"] for t in targets],
-            flat.spatial_shapes,
-            self.strides,
-            self.foreground_ranges,
-        )
-        loss = foreground_loss(
+        return self.foreground_criterion(
             encoded.foreground_logits,
-            foreground,
             flat.padding_mask,
-            alpha=self.foreground_focal_alpha,
-            gamma=self.foreground_focal_gamma,
+            flat.spatial_shapes,
+            [t["boxes_xyxy"] for t in targets],
         )
-        return loss * self.foreground_loss_weight
 
     def _postprocess(self, class_logits, boxes, images: ImageList, batched_inputs) -> List[Dict]:
         results = predictions_to_instances(class_logits, boxes, images.image_sizes, self.num_select)
@@ -268,18 +270,7 @@ def _size_divisibility(backbone: Backbone) -> int:
         return getattr(backbone, "_size_devisibility", 0)
 
 
-def _default_ranges(
-    num_levels: int, ranges: Optional[Sequence[Tuple[float, float]]]
-) -> List[Tuple[float, float]]:
-    if ranges is not None:
-        ranges = [tuple(r) for r in ranges]
-        if len(ranges) != num_levels:
-            raise ValueError(
-                f"foreground_ranges has {len(ranges)} ranges {ranges} but the model has "
-                f"{num_levels} feature levels: give one (lo, hi] range per level, or None for "
-                "the reference ranges extended to the number of levels"
-            )
-        return ranges
+def _default_ranges(num_levels: int) -> List[Tuple[float, float]]:
     # The reference's (-1, 64], (64, 128], (128, 256], (256, inf) for 4 levels: level l up to
     # 64 * 2^l, the last level unbounded.
     bounds = [-1.0] + [64.0 * 2**level for level in range(num_levels - 1)] + [math.inf]

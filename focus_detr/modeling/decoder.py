@@ -1,6 +1,5 @@
 """DINO decoder: deformable cross-attention to reference boxes, look-forward-twice refinement."""
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -8,11 +7,9 @@ from torch import nn
 
 from ..layers import MultiScaleDeformableAttention
 from .position_encoding import get_sine_pos_embed
-from .utils import MLP, clone_modules, inverse_sigmoid
+from .utils import MLP, check_box_frame, clone_modules, detection_heads, inverse_sigmoid
 
 __all__ = ["DINODecoderLayer", "DINODecoder"]
-
-_FRAMES = ("padded", "valid")
 
 
 class DINODecoderLayer(nn.Module):
@@ -158,10 +155,7 @@ class DINODecoder(nn.Module):
             raise ValueError(f"embed_dim must be a positive even number, got {embed_dim}")
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        if frame not in _FRAMES:
-            raise ValueError(f"frame must be one of {_FRAMES}, got {frame!r}")
-        if not 0.0 < prior_prob < 1.0:
-            raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
+        check_box_frame(frame)
         self.num_layers = num_layers
         self.embed_dim = embed_dim
         self.num_levels = num_levels
@@ -179,11 +173,7 @@ class DINODecoder(nn.Module):
         # sine embedding of (cx, cy, w, h): C/2 features each -> 2C
         self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
         self.norm = nn.LayerNorm(embed_dim)
-        class_head = nn.Linear(embed_dim, num_classes)
-        nn.init.constant_(class_head.bias, -math.log((1 - prior_prob) / prior_prob))
-        box_head = MLP(embed_dim, embed_dim, 4, 3)
-        nn.init.zeros_(box_head.layers[-1].weight)
-        nn.init.zeros_(box_head.layers[-1].bias)
+        class_head, box_head = detection_heads(embed_dim, num_classes, prior_prob)
         self.class_heads = clone_modules(class_head, num_layers)
         self.box_heads = clone_modules(box_head, num_layers)
 

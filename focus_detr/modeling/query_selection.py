@@ -6,11 +6,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .utils import MLP
+from .utils import check_box_frame, detection_heads
 
 __all__ = ["TwoStageQuerySelection", "QuerySelection", "generate_proposals"]
-
-_FRAMES = ("padded", "valid")
 
 
 def generate_proposals(
@@ -36,8 +34,7 @@ def generate_proposals(
         ``(proposals (B, N, 4) cxcywh in inverse-sigmoid space, +inf where invalid,
         valid (B, N) bool)``.
     """
-    if frame not in _FRAMES:
-        raise ValueError(f"frame must be one of {_FRAMES}, got {frame!r}")
+    check_box_frame(frame)
     batch = padding_mask.shape[0]
     device = padding_mask.device
     proposals, start = [], 0
@@ -127,22 +124,15 @@ class TwoStageQuerySelection(nn.Module):
         ):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if frame not in _FRAMES:
-            raise ValueError(f"frame must be one of {_FRAMES}, got {frame!r}")
-        if not 0.0 < prior_prob < 1.0:
-            raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
+        check_box_frame(frame)
         self.num_queries = num_queries
         self.base_scale = base_scale
         self.frame = frame
         self.memory_projection = nn.Sequential(
             nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim)
         )
-        self.class_head = nn.Linear(hidden_dim, num_classes)
-        self.box_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.class_head, self.box_head = detection_heads(hidden_dim, num_classes, prior_prob)
         self.content_queries = nn.Embedding(num_queries, hidden_dim)
-        nn.init.constant_(self.class_head.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.zeros_(self.box_head.layers[-1].weight)
-        nn.init.zeros_(self.box_head.layers[-1].bias)
 
     def forward(
         self, memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor

@@ -1,11 +1,24 @@
 """Small tensor helpers shared by the encoder, the decoder and the heads."""
 
 import copy
+import math
+from typing import Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["MLP", "inverse_sigmoid", "clone_modules"]
+__all__ = [
+    "BOX_FRAMES",
+    "MLP",
+    "check_box_frame",
+    "clone_modules",
+    "detection_heads",
+    "inverse_sigmoid",
+]
+
+# Coordinate frames of normalized boxes: "valid" relative to each image's own size (the package's
+# convention), "padded" relative to the padded batch. Query selection and decoder must agree.
+BOX_FRAMES = ("padded", "valid")
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -36,3 +49,26 @@ class MLP(nn.Module):
 def clone_modules(module: nn.Module, count: int) -> nn.ModuleList:
     """``count`` independent deep copies of ``module``."""
     return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
+
+
+def check_box_frame(frame: str) -> str:
+    """``frame`` if it is one of :data:`BOX_FRAMES`, else a ValueError naming it."""
+    if frame not in BOX_FRAMES:
+        raise ValueError(f"frame must be one of {BOX_FRAMES}, got {frame!r}")
+    return frame
+
+
+def detection_heads(embed_dim: int, num_classes: int, prior_prob: float) -> Tuple[nn.Linear, "MLP"]:
+    """
+    A DETR class head ``Linear(C, K)`` whose bias starts every class at probability
+    ``prior_prob`` (focal-loss initialisation) and a 3-layer box MLP ``C -> C -> C -> 4`` whose last
+    layer starts at zero (first predictions = the reference boxes). Created in that order.
+    """
+    if not 0.0 < prior_prob < 1.0:
+        raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
+    class_head = nn.Linear(embed_dim, num_classes)
+    box_head = MLP(embed_dim, embed_dim, 4, 3)
+    nn.init.constant_(class_head.bias, -math.log((1 - prior_prob) / prior_prob))
+    nn.init.zeros_(box_head.layers[-1].weight)
+    nn.init.zeros_(box_head.layers[-1].bias)
+    return class_head, box_head

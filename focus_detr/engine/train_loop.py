@@ -11,6 +11,7 @@ from detectron2.engine import default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from omegaconf import OmegaConf
 
 from .data_loader import build_resumable_train_loader
 from .ema import ModelEMA
@@ -20,15 +21,6 @@ from .trainer import DETRTrainer
 __all__ = ["build_model", "do_test", "do_train", "load_for_eval", "wrap_ddp"]
 
 logger = logging.getLogger("detectron2")
-
-
-def _get(cfg, dotted: str, default):
-    node = cfg
-    for key in dotted.split("."):
-        if key not in node:
-            return default
-        node = node[key]
-    return node
 
 
 def build_model(cfg) -> torch.nn.Module:
@@ -74,20 +66,22 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     ema = None
-    if _get(cfg, "train.ema.enabled", False):
+    if OmegaConf.select(cfg, "train.ema.enabled", default=False):
         ema = ModelEMA(
             model,
-            decay=_get(cfg, "train.ema.decay", 0.9998),
-            warmup=_get(cfg, "train.ema.warmup", 2000),
+            decay=OmegaConf.select(cfg, "train.ema.decay", default=0.9998),
+            warmup=OmegaConf.select(cfg, "train.ema.warmup", default=2000),
         )
     ddp_model = wrap_ddp(model, **cfg.train.ddp)
-    clip_enabled = _get(cfg, "train.clip_grad.enabled", True)
+    clip_enabled = OmegaConf.select(cfg, "train.clip_grad.enabled", default=True)
     trainer = DETRTrainer(
         ddp_model,
         None,
         optimizer,
-        clip_grad_max_norm=_get(cfg, "train.clip_grad.max_norm", 0.1) if clip_enabled else None,
-        amp=_get(cfg, "train.amp.enabled", False),
+        clip_grad_max_norm=(
+            OmegaConf.select(cfg, "train.clip_grad.max_norm", default=0.1) if clip_enabled else None
+        ),
+        amp=OmegaConf.select(cfg, "train.amp.enabled", default=False),
         ema=ema,
     )
     checkpointables = {"ema": ema} if ema is not None else {}
@@ -123,7 +117,7 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
             RNGStateHook(),
         ]
     )
-    seed = _get(cfg, "train.seed", -1)
+    seed = OmegaConf.select(cfg, "train.seed", default=-1)
     # One shuffling seed for all processes; a resumed run takes the one of its checkpoint.
     trainer.data_seed = seed if seed is not None and seed >= 0 else comm.shared_random_seed()
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
@@ -145,6 +139,6 @@ def load_for_eval(cfg, model: torch.nn.Module, checkpoint: Optional[str] = None)
     if not path:
         logger.warning("No checkpoint to evaluate (train.init_checkpoint is empty)")
     extra = DetectionCheckpointer(model).load(path)
-    if _get(cfg, "train.ema.enabled", False) and "ema" in extra:
+    if OmegaConf.select(cfg, "train.ema.enabled", default=False) and "ema" in extra:
         model.load_state_dict(extra["ema"]["model"])
         logger.info(f"Loaded the EMA weights of {path}")

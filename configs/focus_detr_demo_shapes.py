@@ -47,7 +47,14 @@ model.denoising.dn_number = 50
 model.num_select = 100
 # The dataset's object sizes span the reference ranges (64 / 128 / 256 pixels) at a long side of
 # 320; the demo trains at 256, so the foreground ranges scale by 0.8 to keep four size classes.
-model.foreground_ranges = [(-1, 51.2), (51.2, 102.4), (102.4, 204.8), (204.8, float("inf"))]
+model.encoder.foreground_ranges = [(-1, 51.2), (51.2, 102.4), (102.4, 204.8), (204.8, float("inf"))]
+# Departures from the reference behaviour (docs/differences_from_reference.md)
+model.encoder.score_product = "probability"
+model.encoder.project_category_input = True
+model.encoder.selector_input_mask = "padding"
+model.decoder.refine_from_normed = True
+model.query_selection.select_invalid_tokens = False
+model.transformer_init = "module"
 
 train.device = "cpu"
 # plain BatchNorm (trained from scratch): with several processes, rank 0 broadcasts its statistics

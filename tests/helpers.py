@@ -82,6 +82,39 @@ def build_tiny_model(*, seed: int = 0, **kwargs) -> torch.nn.Module:
     return instantiate(tiny_model_config(**kwargs))
 
 
+def make_features(
+    level_shapes: Sequence[Tuple[int, int]] = ((8, 8), (4, 4)),
+    *,
+    batch: int = 2,
+    channels: int = 32,
+    image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    strides: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """
+    :class:`FlattenedFeatures` of random maps with the given level shapes, built the way the
+    meta-architecture builds them. The padded input is ``level_shapes[0] * strides[0]`` pixels;
+    ``image_sizes`` (default: the whole padded size for every image) set the padding.
+    """
+    from focus_detr.modeling.multi_scale import flatten_levels, level_padding_masks
+    from focus_detr.modeling.position_encoding import PositionEmbeddingSine
+
+    generator = torch.Generator().manual_seed(seed)
+    strides = list(strides or [8 * 2**level for level in range(len(level_shapes))])
+    padded = (level_shapes[0][0] * strides[0], level_shapes[0][1] * strides[0])
+    image_sizes = list(image_sizes or [padded] * batch)
+    maps = [
+        torch.randn(batch, channels, h, w, generator=generator, dtype=dtype)
+        for h, w in level_shapes
+    ]
+    masks = level_padding_masks(image_sizes, padded, level_shapes, torch.device("cpu"))
+    embedding = PositionEmbeddingSine(num_pos_feats=channels // 2)
+    positions = [embedding(mask, dtype) for mask in masks]
+    level_embed = torch.randn(len(level_shapes), channels, generator=generator, dtype=dtype)
+    return flatten_levels(maps, masks, positions, level_embed, strides=strides, padded_size=padded)
+
+
 def make_instances(
     image_size: Tuple[int, int], boxes: Sequence[Sequence[float]], classes=None
 ) -> Instances:

@@ -86,7 +86,8 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         value_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        return_sampling: bool = False,
+    ):
         """
         Args:
             query: (B, Nq, C) queries, position embedding already added.
@@ -140,4 +141,6 @@ class MultiScaleDeformableAttention(nn.Module):
         output = multi_scale_deformable_attention(
             value, spatial_shapes, level_start_index, locations, weights
         )
+        if return_sampling:
+            return self.output_proj(output), locations, weights
         return self.output_proj(output)

@@ -1,38 +1,46 @@
 from .criterion import SetCriterion
 from .decoder import DINODecoder, DINODecoderLayer
 from .denoising import ContrastiveDenoising
-from .encoder_layer import FocusEncoderLayer
-from .encoder_output import EncoderOutput
-from .focus_detr import FocusDETR
-from .focus_encoder import FocusEncoder
-from .foreground_selector import ForegroundTokenSelector
-from .foreground_targets import (
+from .encoders import (
     REFERENCE_SIZE_RANGES,
+    DenseEncoder,
+    DETREncoder,
+    FocusEncoder,
+    ForegroundTokenSelector,
     compute_foreground_targets,
+    default_size_ranges,
     foreground_loss,
     overlapping_size_ranges,
 )
 from .matcher import HungarianMatcher
+from .meta_arch import FocusDETR, InferenceDetails, TwoStageDETR
 from .neck import MultiScaleNeck
 from .position_encoding import PositionEmbeddingSine, get_sine_pos_embed
 from .query_selection import TwoStageQuerySelection
+from .structures import DecoderOutput, EncoderOutput, FlattenedFeatures
 
 __all__ = [
     "REFERENCE_SIZE_RANGES",
     "ContrastiveDenoising",
+    "DETREncoder",
     "DINODecoder",
     "DINODecoderLayer",
+    "DecoderOutput",
+    "DenseEncoder",
     "EncoderOutput",
+    "FlattenedFeatures",
     "FocusDETR",
     "FocusEncoder",
-    "FocusEncoderLayer",
     "ForegroundTokenSelector",
     "HungarianMatcher",
+    "InferenceDetails",
     "MultiScaleNeck",
     "PositionEmbeddingSine",
     "SetCriterion",
+    "TwoStageDETR",
     "TwoStageQuerySelection",
     "compute_foreground_targets",
+    "default_size_ranges",
     "foreground_loss",
     "get_sine_pos_embed",
     "overlapping_size_ranges",

@@ -6,50 +6,51 @@ import torch
 import torch.distributed as dist
 from detectron2.utils import comm
 from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .denoising import DenoisingQueries
-from .losses import box_cxcywh_to_xyxy, focal_loss_sum, generalized_box_iou_elementwise
 from .matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "pack_outputs"]
+__all__ = ["SetCriterion", "set_outputs"]
 
 _BASE_LOSSES = ("loss_class", "loss_bbox", "loss_giou")
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
-def pack_outputs(
+def set_outputs(
     class_logits: torch.Tensor,
     boxes: torch.Tensor,
+    *,
     enc_logits: Optional[torch.Tensor] = None,
     enc_boxes: Optional[torch.Tensor] = None,
-    denoising: Optional[DenoisingQueries] = None,
+    dn_outputs: Optional[List[Dict[str, torch.Tensor]]] = None,
 ) -> Dict[str, object]:
     """
-    Arrange the decoder (and two-stage) predictions the way :class:`SetCriterion` reads them.
+    Arrange predictions the way :class:`SetCriterion` reads them.
 
     Args:
-        class_logits: (D, B, T, K) decoder logits, T = pad_size + Q when ``denoising`` is given.
-        boxes: (D, B, T, 4) decoder cxcywh boxes.
-        enc_logits: (B, Q, K) logits of the selected encoder tokens, or None.
-        enc_boxes: (B, Q, 4) boxes of the selected encoder tokens, or None.
-        denoising: the :class:`DenoisingQueries` prepended to the decoder queries, or None.
+        class_logits: (D, B, Q, K) logits of the matching queries of every decoder layer.
+        boxes: (D, B, Q, 4) their cxcywh boxes.
+        enc_logits, enc_boxes: (B, Q, K) and (B, Q, 4) of the two-stage selection, or None.
+        dn_outputs: D dicts of the denoising queries (``DenoisingQueries.split_outputs``).
 
     Returns:
         dict with "pred_logits" (B, Q, K) and "pred_boxes" (B, Q, 4) of the last layer,
-        "aux_outputs" (D - 1 dicts of the same keys, first layer first), "enc_outputs" (a dict, if
-        given) and "dn_outputs" (D dicts of (B, pad_size, ...) tensors, if ``denoising``).
+        "aux_outputs" (D - 1 such dicts, first layer first), and "enc_outputs" / "dn_outputs"
+        when given.
     """
-    outputs: Dict[str, object] = {}
-    if denoising is not None:
-        (class_logits, boxes), outputs["dn_outputs"] = denoising.split_outputs(class_logits, boxes)
-    outputs["pred_logits"] = class_logits[-1]
-    outputs["pred_boxes"] = boxes[-1]
-    outputs["aux_outputs"] = [
-        {"pred_logits": logits, "pred_boxes": box}
-        for logits, box in zip(class_logits[:-1], boxes[:-1])
-    ]
+    outputs: Dict[str, object] = {
+        "pred_logits": class_logits[-1],
+        "pred_boxes": boxes[-1],
+        "aux_outputs": [
+            {"pred_logits": logits, "pred_boxes": layer_boxes}
+            for logits, layer_boxes in zip(class_logits[:-1], boxes[:-1])
+        ],
+    }
     if enc_logits is not None and enc_boxes is not None:
         outputs["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes}
+    if dn_outputs is not None:
+        outputs["dn_outputs"] = dn_outputs
     return outputs
 
 
@@ -152,34 +153,56 @@ class SetCriterion(nn.Module):
         )
         onehot = torch.zeros_like(pred_logits)
         onehot[batch_idx, pred_idx, labels] = 1.0
-        loss_class = focal_loss_sum(
-            pred_logits,
-            onehot,
-            alpha=self.focal_alpha,
-            gamma=self.focal_gamma,
-            valid_mask=valid_mask,
+        loss_class = sigmoid_focal_loss(
+            pred_logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
         )
+        if valid_mask is not None:
+            loss_class = loss_class * valid_mask[..., None].to(loss_class.dtype)
+        loss_class = loss_class.sum()
         if pred_idx.numel() == 0:
             # nothing to regress; keep the boxes in the graph (DDP expects every parameter used)
             zero = pred_boxes.sum() * 0.0
             return {"loss_class": loss_class / normalizer, "loss_bbox": zero, "loss_giou": zero}
         matched = pred_boxes[batch_idx, pred_idx]
         loss_bbox = (matched - tgt_boxes).abs().sum()
-        giou = generalized_box_iou_elementwise(
-            box_cxcywh_to_xyxy(matched), box_cxcywh_to_xyxy(tgt_boxes)
+        # finite for degenerate boxes: torchvision adds eps to the union and hull areas
+        loss_giou = generalized_box_iou_loss(
+            box_convert(matched, "cxcywh", "xyxy"),
+            box_convert(tgt_boxes, "cxcywh", "xyxy"),
+            reduction="sum",
         )
-        loss_giou = (1.0 - giou).sum()
         return {
             "loss_class": loss_class / normalizer,
             "loss_bbox": loss_bbox / normalizer,
             "loss_giou": loss_giou / normalizer,
         }
 
-    def _matched_losses(self, output, targets, normalizer) -> Dict[str, torch.Tensor]:
-        indices = self.matcher(output["pred_logits"], output["pred_boxes"], targets)
-        return self.set_losses(
-            output["pred_logits"], output["pred_boxes"], targets, indices, normalizer
-        )
+    def matched_losses(
+        self,
+        pred_logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        targets: List[Dict[str, torch.Tensor]],
+        *,
+        suffix: str = "",
+        num_boxes: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Hungarian-match one output set to the targets and return its WEIGHTED losses, named
+        ``loss_class{suffix}``, ``loss_bbox{suffix}``, ``loss_giou{suffix}``. Encoders with
+        auxiliary detection heads (Sparse DETR) use it.
+
+        Args:
+            pred_logits: (B, Q, K) logits.
+            pred_boxes: (B, Q, 4) cxcywh boxes.
+            targets: B dicts with "labels" (M_i,) and "boxes" (M_i, 4).
+            suffix: appended to the loss names, e.g. "_enc_aux_0".
+            num_boxes: normalizer; default :meth:`num_boxes` of the targets.
+        """
+        if num_boxes is None:
+            num_boxes = self.num_boxes(targets, pred_logits.device)
+        indices = self.matcher(pred_logits, pred_boxes, targets)
+        losses = self.set_losses(pred_logits, pred_boxes, targets, indices, num_boxes)
+        return {name + suffix: value * self.weight(name + suffix) for name, value in losses.items()}
 
     def forward(
         self,
@@ -189,9 +212,10 @@ class SetCriterion(nn.Module):
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
-            outputs: as built by :func:`pack_outputs`: "pred_logits" (B, Q, K), "pred_boxes"
-                (B, Q, 4), "aux_outputs" (list of such dicts), optional "enc_outputs" (dict) and
-                "dn_outputs" (list of D dicts with (B, pad_size, K) / (B, pad_size, 4)).
+            outputs: "pred_logits" (B, Q, K) and "pred_boxes" (B, Q, 4) of the last decoder
+                layer, "aux_outputs" (list of such dicts, earlier layers first), optional
+                "enc_outputs" (dict of the two-stage selection) and "dn_outputs" (list of D dicts
+                with (B, pad_size, K) / (B, pad_size, 4)).
             targets: B dicts with "labels" (M_i,) int64 and "boxes" (M_i, 4) normalized cxcywh.
             dn_meta: the batch's :class:`DenoisingQueries`, or None when it had none.
 
@@ -201,18 +225,22 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         num_boxes = self.num_boxes(targets, device)
         aux_outputs = list(outputs.get("aux_outputs") or [])
-        raw: Dict[str, torch.Tensor] = {}
-
-        for name, value in self._matched_losses(outputs, targets, num_boxes).items():
-            raw[name] = value
-        for layer, aux in enumerate(aux_outputs):
-            for name, value in self._matched_losses(aux, targets, num_boxes).items():
-                raw[f"{name}_{layer}"] = value
+        losses: Dict[str, torch.Tensor] = {}
+        output_sets = [("", outputs)]
+        output_sets += [(f"_{layer}", aux) for layer, aux in enumerate(aux_outputs)]
         if outputs.get("enc_outputs") is not None:
-            for name, value in self._matched_losses(
-                outputs["enc_outputs"], targets, num_boxes
-            ).items():
-                raw[f"{name}_enc"] = value
+            output_sets.append(("_enc", outputs["enc_outputs"]))
+        for suffix, output in output_sets:
+            losses.update(
+                self.matched_losses(
+                    output["pred_logits"],
+                    output["pred_boxes"],
+                    targets,
+                    suffix=suffix,
+                    num_boxes=num_boxes,
+                )
+            )
+        raw: Dict[str, torch.Tensor] = {}
 
         dn_outputs = outputs.get("dn_outputs")
         if (dn_meta is None) != (dn_outputs is None):
@@ -231,7 +259,7 @@ class SetCriterion(nn.Module):
             normalizer = num_boxes * dn_meta.num_groups
             for layer, dn in enumerate(dn_outputs):
                 suffix = "_dn" if layer == num_layers - 1 else f"_dn_{layer}"
-                losses = self.set_losses(
+                layer_losses = self.set_losses(
                     dn["pred_logits"],
                     dn["pred_boxes"],
                     targets,
@@ -239,7 +267,7 @@ class SetCriterion(nn.Module):
                     normalizer,
                     valid_mask=~dn_meta.slot_padding_mask,
                 )
-                for name, value in losses.items():
+                for name, value in layer_losses.items():
                     raw[name + suffix] = value
         elif self.denoising:
             # no DN queries this batch: same keys as the other processes, connected to the graph
@@ -249,7 +277,8 @@ class SetCriterion(nn.Module):
                 for name in _BASE_LOSSES:
                     raw[name + suffix] = zero
 
-        return {name: value * self.weight(name) for name, value in raw.items()}
+        losses.update({name: value * self.weight(name) for name, value in raw.items()})
+        return losses
 
     def extra_repr(self) -> str:
         return (

@@ -1,13 +1,15 @@
 """DINO decoder: deformable cross-attention to reference boxes, look-forward-twice refinement."""
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..layers import MultiScaleDeformableAttention
+from .box_ops import inverse_sigmoid
+from .heads import box_mlp, clone_modules, detection_heads
 from .position_encoding import get_sine_pos_embed
-from .utils import MLP, check_box_frame, clone_modules, detection_heads, inverse_sigmoid
+from .structures import DecoderOutput, FlattenedFeatures
 
 __all__ = ["DINODecoderLayer", "DINODecoder"]
 
@@ -70,7 +72,8 @@ class DINODecoderLayer(nn.Module):
         level_start_index: torch.Tensor,
         self_attn_mask: Optional[torch.Tensor] = None,
         self_attn_key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        return_sampling: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """
         Args:
             queries: (B, Q, C) content.
@@ -82,9 +85,11 @@ class DINODecoderLayer(nn.Module):
             level_start_index: (L,) int64.
             self_attn_mask: (Q, Q) bool, True = blocked, or None.
             self_attn_key_padding_mask: (B, Q) bool, True = no query may attend to it, or None.
+            return_sampling: also return the cross-attention's sampling locations and weights.
 
         Returns:
-            (B, Q, C) updated queries.
+            (B, Q, C) updated queries; with ``return_sampling`` a tuple ``(queries, locations
+            (B, Q, H, L, P, 2), weights (B, Q, H, L, P))``.
         """
         qk = queries + query_pos
         attended = self.self_attn(
@@ -103,18 +108,28 @@ class DINODecoderLayer(nn.Module):
             spatial_shapes,
             level_start_index,
             memory_padding_mask,
+            return_sampling=return_sampling,
         )
+        sampling = None
+        if return_sampling:
+            attended, *sampling = attended
         queries = self.norm2(queries + self.dropout(attended))
-        return self.norm3(queries + self.dropout(self.ffn(queries)))
+        queries = self.norm3(queries + self.dropout(self.ffn(queries)))
+        if return_sampling:
+            return queries, sampling[0], sampling[1]
+        return queries
 
 
 class DINODecoder(nn.Module):
     """
-    A stack of :class:`DINODecoderLayer` with per-layer class and box heads. Every layer
-    predicts a box delta in inverse-sigmoid space on top of the previous layer's box. The box
-    handed to the next layer is detached, but the box a layer *outputs* is built on the
-    undetached previous box ("look forward twice"), so the loss of layer i also trains the box
-    head of layer i - 1.
+    A stack of :class:`DINODecoderLayer` with per-layer class and box heads and iterative box
+    refinement with "look forward twice", as the reference DINO: after layer i (output o_i) the
+    next layer samples around ``r_{i+1} = sigmoid(box_head_i(o_i) + inverse_sigmoid(r_i))``,
+    passed on detached; the box layer i *returns* is
+    ``sigmoid(box_head_i(norm(o_i)) + inverse_sigmoid(r'_i))`` on the undetached previous box
+    ``r'_i`` (the initial box for layer 0), so the loss of layer i also trains the box head of
+    layer i - 1. Boxes are relative to each image's valid region and are multiplied by
+    ``valid_ratios`` per level before sampling.
     """
 
     def __init__(
@@ -128,8 +143,9 @@ class DINODecoder(nn.Module):
         num_levels: int = 4,
         num_points: int = 4,
         num_classes: int = 80,
-        frame: str = "valid",
         prior_prob: float = 0.01,
+        refine_from_normed: bool = False,
+        inverse_sigmoid_eps: float = 1e-3,
     ):
         """
         Args:
@@ -141,12 +157,11 @@ class DINODecoder(nn.Module):
             num_levels: feature levels of the memory.
             num_points: sampling points per head and level.
             num_classes: K, outputs of every class head.
-            frame: "valid" (the package's convention): boxes are relative to each image's
-                valid region (Deformable DETR, DINO) and are multiplied by ``valid_ratios`` per
-                level before sampling; "padded": boxes are relative to the padded image and
-                sampled as they are. Must match the frame of the targets and of the query
-                selection.
             prior_prob: initial foreground probability of the class heads.
+            refine_from_normed: False (reference): the next layer's reference box comes from the
+                box head applied to the raw layer output o_i; True: to ``norm(o_i)`` like the
+                returned predictions (then the box predicted and the box refined are the same).
+            inverse_sigmoid_eps: clamp of the logit of reference boxes (reference: 1e-3).
         """
         super().__init__()
         if num_layers <= 0:
@@ -155,12 +170,14 @@ class DINODecoder(nn.Module):
             raise ValueError(f"embed_dim must be a positive even number, got {embed_dim}")
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        check_box_frame(frame)
+        if not 0.0 < inverse_sigmoid_eps < 0.5:
+            raise ValueError(f"inverse_sigmoid_eps must be in (0, 0.5), got {inverse_sigmoid_eps}")
         self.num_layers = num_layers
         self.embed_dim = embed_dim
         self.num_levels = num_levels
         self.num_classes = num_classes
-        self.frame = frame
+        self.refine_from_normed = refine_from_normed
+        self.inverse_sigmoid_eps = inverse_sigmoid_eps
         layer = DINODecoderLayer(
             embed_dim=embed_dim,
             num_heads=num_heads,
@@ -171,7 +188,7 @@ class DINODecoder(nn.Module):
         )
         self.layers = clone_modules(layer, num_layers)
         # sine embedding of (cx, cy, w, h): C/2 features each -> 2C
-        self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
+        self.ref_point_head = box_mlp(2 * embed_dim, embed_dim, embed_dim, num_layers=2)
         self.norm = nn.LayerNorm(embed_dim)
         class_head, box_head = detection_heads(embed_dim, num_classes, prior_prob)
         self.class_heads = clone_modules(class_head, num_layers)
@@ -182,60 +199,69 @@ class DINODecoder(nn.Module):
         queries: torch.Tensor,
         reference_boxes: torch.Tensor,
         memory: torch.Tensor,
-        memory_padding_mask: Optional[torch.Tensor],
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        valid_ratios: torch.Tensor,
+        features: FlattenedFeatures,
         self_attn_mask: Optional[torch.Tensor] = None,
         self_attn_key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return_sampling: bool = False,
+    ) -> DecoderOutput:
         """
         Args:
             queries: (B, Q, C) content queries (denoising queries first, if any).
             reference_boxes: (B, Q, 4) initial cxcywh boxes in sigmoid space (detached).
             memory: (B, N, C) encoder output.
-            memory_padding_mask: (B, N) bool, True on padding, or None.
-            spatial_shapes: (L, 2) int64 (h, w).
-            level_start_index: (L,) int64.
-            valid_ratios: (B, L, 2) (valid_w / w, valid_h / h); used in the "valid" frame only.
+            features: the flattened features (padding mask, level geometry, valid ratios).
             self_attn_mask: (Q, Q) bool, True = blocked, or None.
             self_attn_key_padding_mask: (B, Q) bool, True on queries nobody may attend to
                 (padding slots of the denoising queries), or None.
+            return_sampling: also return every layer's cross-attention sampling locations and
+                attention weights.
 
         Returns:
-            ``(class_logits (D, B, Q, K), boxes (D, B, Q, 4))``, boxes cxcywh in [0, 1].
+            :class:`DecoderOutput` with ``class_logits`` (D, B, Q, K) and ``boxes`` (D, B, Q, 4)
+            cxcywh in [0, 1].
         """
+        eps = self.inverse_sigmoid_eps
+        ratios = features.valid_ratios
+        scale = torch.cat([ratios, ratios], dim=-1)[:, None, :, :]  # (B, 1, L, 4)
         reference = reference_boxes.detach()
         previous_box = reference  # the previous layer's box with gradient (layer 0: the input)
-        all_logits, all_boxes = [], []
+        all_logits, all_boxes, all_locations, all_weights = [], [], [], []
         for layer, class_head, box_head in zip(self.layers, self.class_heads, self.box_heads):
-            if self.frame == "valid":
-                scale = torch.cat([valid_ratios, valid_ratios], dim=-1)  # (B, L, 4)
-                level_boxes = reference[:, :, None, :] * scale[:, None, :, :]
-            else:
-                level_boxes = reference[:, :, None, :].expand(-1, -1, spatial_shapes.shape[0], -1)
+            level_boxes = reference[:, :, None, :] * scale.to(reference.dtype)
             query_pos = self.ref_point_head(
                 get_sine_pos_embed(level_boxes[:, :, 0, :], self.embed_dim // 2).to(queries.dtype)
             )
-            queries = layer(
+            output = layer(
                 queries,
                 query_pos,
                 level_boxes,
                 memory,
-                memory_padding_mask,
-                spatial_shapes,
-                level_start_index,
+                features.padding_mask,
+                features.spatial_shapes,
+                features.level_start_index,
                 self_attn_mask,
                 self_attn_key_padding_mask,
+                return_sampling=return_sampling,
             )
-            normed = self.norm(queries)
+            if return_sampling:
+                output, locations, weights = output
+                all_locations.append(locations)
+                all_weights.append(weights)
+            queries = output
+            normed = self.norm(output)
             delta = box_head(normed)
-            # the output box is built on the previous layer's undetached box: its loss reaches
-            # this layer's head and the previous one (not further: see ``previous_box`` below)
-            all_boxes.append((delta + inverse_sigmoid(previous_box)).sigmoid())
+            # the returned box is built on the previous layer's undetached box: its loss
+            # reaches this layer's head and the previous one (not further, see previous_box)
+            all_boxes.append((delta + inverse_sigmoid(previous_box, eps)).sigmoid())
             all_logits.append(class_head(normed))
-            # same value as the output box, but with gradient through this layer's delta only
-            previous_box = (delta + inverse_sigmoid(reference)).sigmoid()
-            # the next layer samples around this box; its gradient stops here
+            refine_delta = delta if self.refine_from_normed else box_head(output)
+            # the next layer samples around this box; its gradient stops there, but the next
+            # layer's returned box is built on it with gradient through this layer's head
+            previous_box = (refine_delta + inverse_sigmoid(reference, eps)).sigmoid()
             reference = previous_box.detach()
-        return torch.stack(all_logits), torch.stack(all_boxes)
+        return DecoderOutput(
+            class_logits=torch.stack(all_logits),
+            boxes=torch.stack(all_boxes),
+            sampling_locations=torch.stack(all_locations) if return_sampling else None,
+            attention_weights=torch.stack(all_weights) if return_sampling else None,
+        )

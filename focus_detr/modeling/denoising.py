@@ -5,8 +5,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-
-from .losses import box_cxcywh_to_xyxy
+from torchvision.ops import box_convert
 
 __all__ = ["ContrastiveDenoising", "DenoisingQueries", "build_denoising_attn_mask"]
 
@@ -177,7 +176,7 @@ class ContrastiveDenoising(nn.Module):
         Returns:
             (n, 4) noised cxcywh boxes, corners clamped to [0, 1].
         """
-        corners = box_cxcywh_to_xyxy(boxes)
+        corners = box_convert(boxes, "cxcywh", "xyxy")
         half_wh = boxes[:, 2:].repeat(1, 2) * 0.5
         magnitude = torch.rand_like(corners) + negative[:, None].to(corners.dtype)
         sign = torch.randint_like(corners, 0, 2) * 2.0 - 1.0
@@ -205,6 +204,8 @@ class ContrastiveDenoising(nn.Module):
         if self.dn_number == 0 or max_gt == 0:
             return None
         device = self.label_embedding.weight.device
+        # boxes in the model's dtype (float64 for a double model), at least float32
+        box_dtype = torch.promote_types(self.label_embedding.weight.dtype, torch.float32)
         batch = len(targets)
         num_groups = self.num_groups(max_gt)
         single_pad = 2 * max_gt
@@ -224,7 +225,7 @@ class ContrastiveDenoising(nn.Module):
             negative.append((polarity == 1).expand(num_groups, 2, count).flatten())
             repeats = 2 * num_groups
             labels.append(target["labels"].to(device).repeat(repeats))
-            boxes.append(target["boxes"].to(device=device, dtype=torch.float32).repeat(repeats, 1))
+            boxes.append(target["boxes"].to(device=device, dtype=box_dtype).repeat(repeats, 1))
         image_ids = torch.cat(image_ids)
         slots = torch.cat(slots)
         negative = torch.cat(negative)

@@ -1,39 +1,69 @@
 """Ground truth in the forms the losses need, and predictions back to detectron2 Instances."""
 
+import logging
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.logger import log_every_n_seconds
 from torchvision.ops import box_convert
+
+from .multi_scale import ImageSizes, image_sizes_tensor
 
 __all__ = ["instances_to_targets", "predictions_to_instances"]
 
+logger = logging.getLogger(__name__)
+
 
 def instances_to_targets(
-    instances: Sequence[Instances], image_sizes: Sequence[Tuple[int, int]]
+    instances: Sequence[Instances], image_sizes: Sequence[Tuple[int, int]], num_classes: int
 ) -> List[Dict[str, torch.Tensor]]:
     """
     Args:
         instances: per image, ``gt_boxes`` (absolute XYXY in the resized image) and ``gt_classes``.
         image_sizes: (h, w) of every resized, unpadded image.
+        num_classes: K; every class id must lie in [0, K).
 
     Returns:
         Per image a dict with ``labels`` (M,) int64, ``boxes`` (M, 4) cxcywh normalized by the
-        image size, and ``boxes_xyxy`` (M, 4) absolute XYXY. Boxes are clipped to the image and
-        degenerate ones (zero width or height after clipping) are dropped: they have no
+        image size, and ``boxes_xyxy`` (M, 4) absolute XYXY. Boxes are clipped to the image;
+        boxes with a non-finite coordinate and boxes without area after clipping (zero-area,
+        inverted, or wholly outside the image) are dropped with a logged warning: they have no
         foreground location and would make GIoU undefined.
+
+    Raises:
+        ValueError: a class id outside [0, num_classes), naming the image and the id.
     """
     targets = []
-    for per_image, (height, width) in zip(instances, image_sizes):
+    for index, (per_image, (height, width)) in enumerate(zip(instances, image_sizes)):
+        classes = per_image.gt_classes.long()
+        if classes.numel() > 0 and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+            bad = classes[(classes < 0) | (classes >= num_classes)].unique().tolist()
+            raise ValueError(
+                f"image {index} of the batch has ground-truth class ids {bad} outside "
+                f"[0, {num_classes}): set model.num_classes to the dataset's class count"
+            )
         boxes = per_image.gt_boxes.tensor.clone()
+        finite = torch.isfinite(boxes).all(dim=1)
+        boxes = torch.where(finite[:, None], boxes, torch.zeros_like(boxes))
         boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=height)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        keep = finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not bool(keep.all()):
+            dropped = per_image.gt_boxes.tensor[~keep]
+            log_every_n_seconds(
+                logging.WARNING,
+                f"dropped {len(dropped)} ground-truth boxes without area in image {index} "
+                f"({height}x{width}), e.g. {dropped[0].tolist()} (non-finite, zero-area, "
+                "inverted or outside the image)",
+                n=10,
+                name=__name__,
+            )
         boxes = boxes[keep]
         scale = boxes.new_tensor([width, height, width, height])
         targets.append(
             {
-                "labels": per_image.gt_classes[keep].long(),
+                "labels": classes[keep],
                 "boxes": box_convert(boxes / scale, "xyxy", "cxcywh"),
                 "boxes_xyxy": boxes,
             }
@@ -44,7 +74,7 @@ def instances_to_targets(
 def predictions_to_instances(
     class_logits: torch.Tensor,
     boxes: torch.Tensor,
-    image_sizes: Sequence[Tuple[int, int]],
+    image_sizes: ImageSizes,
     num_select: int,
 ) -> List[Instances]:
     """
@@ -53,7 +83,9 @@ def predictions_to_instances(
     Args:
         class_logits: (B, Q, K) logits.
         boxes: (B, Q, 4) cxcywh normalized by the image size.
-        image_sizes: (h, w) of every resized, unpadded image.
+        image_sizes: (h, w) of every resized, unpadded image (ints, or (2,) tensors while
+            tracing).
+        num_select: detections per image.
 
     Returns:
         Per image an :class:`Instances` of the resized image with ``pred_boxes`` (absolute XYXY),
@@ -67,12 +99,13 @@ def predictions_to_instances(
     labels = flat_indices % num_classes
     selected = torch.gather(boxes, 1, query_indices[..., None].expand(-1, -1, 4))
     selected = box_convert(selected, "cxcywh", "xyxy")
+    sizes = image_sizes_tensor(image_sizes, boxes.device).to(selected.dtype)
+    scale = sizes[:, [1, 0, 1, 0]]  # (B, 4) w, h, w, h
     results = []
-    for index, (height, width) in enumerate(image_sizes):
-        result = Instances((height, width))
-        scale = selected.new_tensor([width, height, width, height])
-        result.pred_boxes = Boxes(selected[index].float() * scale)
-        result.pred_boxes.clip((height, width))
+    for index, image_size in enumerate(image_sizes):
+        result = Instances(tuple(image_size))
+        result.pred_boxes = Boxes(selected[index] * scale[index])
+        result.pred_boxes.clip(result.image_size)
         result.scores = scores[index]
         result.pred_classes = labels[index]
         results.append(result)

@@ -5,8 +5,7 @@ from typing import Dict, List, Tuple
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-
-from .losses import box_cxcywh_to_xyxy, generalized_box_iou_pairwise
+from torchvision.ops import box_convert, generalized_box_iou_loss
 
 __all__ = ["HungarianMatcher"]
 
@@ -79,9 +78,12 @@ class HungarianMatcher(nn.Module):
         neg = (1 - self.focal_alpha) * prob.pow(self.focal_gamma) * -(1 - prob + eps).log()
         class_cost = pos - neg
         bbox_cost = torch.cdist(pred_boxes.float(), tgt_boxes.float(), p=1)
-        giou = generalized_box_iou_pairwise(
-            box_cxcywh_to_xyxy(pred_boxes.float()), box_cxcywh_to_xyxy(tgt_boxes.float())
-        )
+        # every pair through torchvision's GIoU loss, whose eps keeps degenerate (zero-area)
+        # boxes finite; (Q, 1, 4) against (1, M, 4)
+        pred_xyxy = box_convert(pred_boxes.float(), "cxcywh", "xyxy")[:, None, :]
+        tgt_xyxy = box_convert(tgt_boxes.float(), "cxcywh", "xyxy")[None, :, :]
+        pred_xyxy, tgt_xyxy = torch.broadcast_tensors(pred_xyxy, tgt_xyxy)
+        giou = 1.0 - generalized_box_iou_loss(pred_xyxy, tgt_xyxy, reduction="none")
         return self.cost_class * class_cost + self.cost_bbox * bbox_cost - self.cost_giou * giou
 
     @torch.no_grad()
@@ -107,18 +109,27 @@ class HungarianMatcher(nn.Module):
                 f"{tuple(pred_boxes.shape)}, {len(targets)} targets"
             )
         device = pred_logits.device
+        batch, num_queries = pred_logits.shape[:2]
+        sizes = [int(target["labels"].numel()) for target in targets]
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        if sum(sizes) == 0:
+            return [(empty, empty.clone()) for _ in targets]
+        # one cost matrix for the whole batch (every prediction against every box), split per
+        # image afterwards: a few large ops instead of many small ones
+        all_targets = {
+            "labels": torch.cat([target["labels"] for target in targets]).to(device),
+            "boxes": torch.cat([target["boxes"] for target in targets]).to(device),
+        }
+        cost = self.cost_matrix(pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), all_targets)
+        if not torch.isfinite(cost).all():
+            raise ValueError("the matching cost has NaN or inf entries (non-finite predictions?)")
+        cost = cost.view(batch, num_queries, -1).cpu()
         indices = []
-        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
-            if target["labels"].numel() == 0:
-                empty = torch.zeros(0, dtype=torch.int64, device=device)
+        for image, image_cost in enumerate(cost.split(sizes, dim=-1)):
+            if sizes[image] == 0:
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(logits, boxes, target)
-            if not torch.isfinite(cost).all():
-                raise ValueError(
-                    "the matching cost has NaN or inf entries (non-finite predictions?)"
-                )
-            pred_idx, tgt_idx = linear_sum_assignment(cost.cpu().numpy())
+            pred_idx, tgt_idx = linear_sum_assignment(image_cost[image].numpy())
             indices.append(
                 (
                     torch.as_tensor(pred_idx, dtype=torch.int64, device=device),

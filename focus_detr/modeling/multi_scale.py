@@ -1,29 +1,37 @@
-"""Padding masks, flattening and reference points of multi-scale feature maps."""
+"""Padding masks, flattening, valid ratios, proposals and reference points of multi-scale maps."""
 
-from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["FlattenedFeatures", "level_padding_masks", "flatten_levels", "encoder_reference_points"]
+from .structures import FlattenedFeatures
+
+__all__ = [
+    "encoder_reference_points",
+    "flatten_levels",
+    "generate_proposals",
+    "image_sizes_tensor",
+    "level_padding_masks",
+    "valid_ratios",
+]
+
+ImageSizes = Union[Sequence[Tuple[int, int]], Sequence[torch.Tensor]]
 
 
-@dataclass
-class FlattenedFeatures:
-    """Multi-scale maps flattened level after level (row-major inside a level)."""
-
-    tokens: torch.Tensor  # (B, N, C)
-    token_pos: torch.Tensor  # (B, N, C) position + level embedding
-    padding_mask: torch.Tensor  # (B, N) bool, True = padding
-    spatial_shapes: torch.Tensor  # (L, 2) int64 (h, w)
-    level_start_index: torch.Tensor  # (L,) int64
-    valid_ratios: torch.Tensor  # (B, L, 2) (valid_w / w, valid_h / h)
+def image_sizes_tensor(image_sizes: ImageSizes, device: torch.device) -> torch.Tensor:
+    """
+    ``ImageList.image_sizes`` as a (B, 2) int64 tensor of (h, w). It holds Python ints in eager
+    mode and (2,) tensors while ``torch.jit.trace`` runs (detectron2's FLOP counter), so the
+    sizes are stacked rather than read back.
+    """
+    sizes = [torch.as_tensor(size, dtype=torch.int64, device=device) for size in image_sizes]
+    return torch.stack(sizes).view(-1, 2)
 
 
 def level_padding_masks(
-    image_sizes: Sequence[Tuple[int, int]],
+    image_sizes: ImageSizes,
     padded_size: Tuple[int, int],
-    feature_sizes: Sequence[Tuple[int, int]],
+    level_shapes: Sequence[Tuple[int, int]],
     device: torch.device,
 ) -> List[torch.Tensor]:
     """
@@ -32,16 +40,18 @@ def level_padding_masks(
     Args:
         image_sizes: (h, w) of every image before padding.
         padded_size: (H, W) of the padded batch tensor.
-        feature_sizes: (h_l, w_l) of every level.
+        level_shapes: (h_l, w_l) of every level.
+        device: where the masks are built.
 
     Returns:
         One (B, h_l, w_l) bool tensor per level, True on padding. A feature cell is valid when
-        its receptive area starts inside the image: cell j is valid iff j < ceil(w * w_l / W).
+        its receptive area starts inside the image: cell j is valid iff j < ceil(w * w_l / W),
+        at least one cell per image and axis.
     """
     pad_h, pad_w = padded_size
-    sizes = torch.as_tensor(image_sizes, dtype=torch.float64, device=device).view(-1, 2)
+    sizes = image_sizes_tensor(image_sizes, device).to(torch.float64)
     masks = []
-    for height, width in feature_sizes:
+    for height, width in level_shapes:
         valid_h = torch.ceil(sizes[:, 0] * height / pad_h).clamp(min=1)
         valid_w = torch.ceil(sizes[:, 1] * width / pad_w).clamp(min=1)
         rows = torch.arange(height, device=device, dtype=torch.float64)
@@ -53,74 +63,144 @@ def level_padding_masks(
     return masks
 
 
+def valid_ratios(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, h, w) padding mask -> (B, 2) ``(valid_w / w, valid_h / h)`` in ``dtype``."""
+    _, height, width = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1).to(dtype)
+    valid_w = (~mask[:, 0, :]).sum(1).to(dtype)
+    return torch.stack([valid_w / width, valid_h / height], dim=-1)
+
+
+def generate_proposals(
+    masks: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    *,
+    base_scale: float = 0.05,
+    valid_range: Tuple[float, float] = (0.01, 0.99),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    One square proposal per token (DINO's two-stage proposals): the cell centre relative to the
+    image's valid (unpadded) extent of the level, with side ``base_scale * 2 ** level``.
+
+    Args:
+        masks: L padding masks (B, h_l, w_l), True on padding.
+        dtype: floating dtype of the result.
+        base_scale: side of the level-0 proposals (normalized units).
+        valid_range: a proposal is usable only if all four numbers lie strictly inside it.
+
+    Returns:
+        ``(proposals (B, N, 4) cxcywh in logit space with +inf where invalid,
+        valid (B, N) bool)``.
+    """
+    proposals = []
+    for level, mask in enumerate(masks):
+        batch, height, width = mask.shape
+        ys = torch.arange(height, dtype=dtype, device=mask.device) + 0.5
+        xs = torch.arange(width, dtype=dtype, device=mask.device) + 0.5
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        centres = torch.stack([grid_x, grid_y], dim=-1).expand(batch, height, width, 2)
+        # valid extent = valid cells of the first row / column (padding is bottom-right)
+        valid_w = (~mask[:, 0, :]).sum(1).clamp(min=1)
+        valid_h = (~mask[:, :, 0]).sum(1).clamp(min=1)
+        size = torch.stack([valid_w, valid_h], dim=-1).to(dtype)
+        centres = centres / size[:, None, None, :]
+        wh = torch.full_like(centres, base_scale * 2.0**level)
+        proposals.append(torch.cat([centres, wh], dim=-1).flatten(1, 2))
+    proposals = torch.cat(proposals, dim=1)
+    padding_mask = torch.cat([mask.flatten(1) for mask in masks], dim=1)
+    low, high = valid_range
+    valid = ((proposals > low) & (proposals < high)).all(-1) & ~padding_mask
+    # in (0.01, 0.99) where valid: the logit needs no clamping there
+    proposals = torch.logit(proposals.clamp(min=low, max=high))
+    proposals = proposals.masked_fill(~valid[..., None], float("inf"))
+    return proposals, valid
+
+
 def flatten_levels(
     features: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor],
     positions: Sequence[torch.Tensor],
     level_embed: torch.Tensor,
+    *,
+    strides: Sequence[int],
+    padded_size: Tuple[int, int],
+    proposal_base_scale: float = 0.05,
 ) -> FlattenedFeatures:
     """
     Args:
-        features: L tensors (B, C, h_l, w_l).
+        features: L tensors (B, C, h_l, w_l), finest first.
         masks: L bool tensors (B, h_l, w_l), True on padding.
         positions: L position embeddings (B, C, h_l, w_l).
         level_embed: (L, C) learned level embedding.
+        strides: L nominal strides of the levels.
+        padded_size: (H, W) of the padded input batch.
+        proposal_base_scale: side of the level-0 two-stage proposals.
+
+    Returns:
+        :class:`FlattenedFeatures`.
     """
+    if not len(features) == len(masks) == len(positions) == level_embed.shape[0] == len(strides):
+        raise ValueError(
+            f"need one mask, position embedding, level embedding and stride per level: got "
+            f"{len(features)} levels, {len(masks)} masks, {len(positions)} positions, "
+            f"{level_embed.shape[0]} level embeddings, strides {list(strides)}"
+        )
+    dtype = features[0].dtype
+    # geometry (ratios, proposals) in at least float32, also under bfloat16 autocast
+    geometry_dtype = torch.promote_types(dtype, torch.float32)
     device = features[0].device
-    shapes = [feature.shape[-2:] for feature in features]
-    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device).view(-1, 2)
-    areas = spatial_shapes.prod(1)
-    level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
+    level_shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
+    spatial_shapes = torch.tensor(level_shapes, dtype=torch.int64, device=device).view(-1, 2)
+    starts = [0]
+    for height, width in level_shapes[:-1]:
+        starts.append(starts[-1] + height * width)
     tokens = torch.cat([feature.flatten(2).transpose(1, 2) for feature in features], dim=1)
-    token_pos = torch.cat(
+    pos = torch.cat(
         [
-            pos.flatten(2).transpose(1, 2) + level_embed[level].view(1, 1, -1)
-            for level, pos in enumerate(positions)
+            position.flatten(2).transpose(1, 2) + level_embed[level].view(1, 1, -1)
+            for level, position in enumerate(positions)
         ],
         dim=1,
     )
-    padding_mask = torch.cat([mask.flatten(1) for mask in masks], dim=1)
-    valid_ratios = torch.stack([_valid_ratio(mask) for mask in masks], dim=1)
+    proposals, proposal_valid = generate_proposals(
+        masks, geometry_dtype, base_scale=proposal_base_scale
+    )
     return FlattenedFeatures(
         tokens=tokens,
-        token_pos=token_pos,
-        padding_mask=padding_mask,
+        pos=pos.to(dtype),
+        padding_mask=torch.cat([mask.flatten(1) for mask in masks], dim=1),
+        level_shapes=level_shapes,
+        strides=tuple(int(stride) for stride in strides),
         spatial_shapes=spatial_shapes,
-        level_start_index=level_start_index,
-        valid_ratios=valid_ratios.to(tokens.dtype),
+        level_start_index=torch.tensor(starts, dtype=torch.int64, device=device),
+        valid_ratios=torch.stack([valid_ratios(mask, geometry_dtype) for mask in masks], dim=1),
+        proposals=proposals,
+        proposal_valid=proposal_valid,
+        padded_size=(int(padded_size[0]), int(padded_size[1])),
     )
 
 
-def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
-    """(B, h, w) padding mask -> (B, 2) (valid_w / w, valid_h / h)."""
-    _, height, width = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1).float()
-    valid_w = (~mask[:, 0, :]).sum(1).float()
-    return torch.stack([valid_w / width, valid_h / height], dim=-1)
-
-
-def encoder_reference_points(
-    spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor
-) -> torch.Tensor:
+def encoder_reference_points(features: FlattenedFeatures) -> torch.Tensor:
     """
-    Cell centres of every level normalized by the valid size, then expressed on every level.
+    Cell centres of every level normalized by the valid size, then expressed on every level
+    (Deformable DETR's encoder reference points).
 
     Args:
-        spatial_shapes: (L, 2) int64 (h, w).
-        valid_ratios: (B, L, 2).
+        features: the flattened features (level shapes and valid ratios are used).
 
     Returns:
         (B, N, L, 2) normalized (x, y) reference points.
     """
+    ratios = features.valid_ratios
     points = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(features.level_shapes):
         ys, xs = torch.meshgrid(
-            torch.arange(height, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
-            torch.arange(width, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+            torch.arange(height, dtype=ratios.dtype, device=ratios.device) + 0.5,
+            torch.arange(width, dtype=ratios.dtype, device=ratios.device) + 0.5,
             indexing="ij",
         )
-        ys = ys.reshape(1, -1) / (valid_ratios[:, None, level, 1] * height)
-        xs = xs.reshape(1, -1) / (valid_ratios[:, None, level, 0] * width)
+        ys = ys.reshape(1, -1) / (ratios[:, None, level, 1] * height)
+        xs = xs.reshape(1, -1) / (ratios[:, None, level, 0] * width)
         points.append(torch.stack((xs, ys), dim=-1))
     reference = torch.cat(points, dim=1)
-    return reference[:, :, None] * valid_ratios[:, None]
+    return reference[:, :, None] * ratios[:, None]

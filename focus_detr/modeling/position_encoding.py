@@ -44,21 +44,25 @@ class PositionEmbeddingSine(nn.Module):
         self.offset = offset
         self.eps = eps
 
-    def forward(self, padding_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """
         Args:
             padding_mask: (B, H, W) bool, True on padding.
+            dtype: computation and result dtype (at least float32 is used).
 
         Returns:
             (B, 2 * num_pos_feats, H, W) embedding.
         """
-        valid = (~padding_mask).to(torch.float32)
+        dtype = torch.promote_types(dtype, torch.float32)
+        valid = (~padding_mask).to(dtype)
         y_embed = valid.cumsum(1)
         x_embed = valid.cumsum(2)
         if self.normalize:
             y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + self.eps) * self.scale
             x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + self.eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=padding_mask.device)
+        dim_t = torch.arange(self.num_pos_feats, dtype=dtype, device=padding_mask.device)
         dim_t = self.temperature ** (
             2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
         )
@@ -77,6 +81,7 @@ def get_sine_pos_embed(
 
     Args:
         coordinates: (..., n) values in [0, 1]; n = 2 for (x, y) points, 4 for (cx, cy, w, h).
+            Computed in the coordinates' dtype, at least float32.
         num_pos_feats: features per coordinate.
         temperature: base of the frequency ladder.
 
@@ -84,11 +89,12 @@ def get_sine_pos_embed(
         (..., n * num_pos_feats) embedding ordered (y, x, w, h) like DINO's: y before x.
     """
     scale = 2 * math.pi
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=coordinates.device)
+    dtype = torch.promote_types(coordinates.dtype, torch.float32)
+    dim_t = torch.arange(num_pos_feats, dtype=dtype, device=coordinates.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
 
     def embed(values: torch.Tensor) -> torch.Tensor:
-        values = values.float()[..., None] * scale / dim_t
+        values = values.to(dtype)[..., None] * scale / dim_t
         return torch.stack((values[..., 0::2].sin(), values[..., 1::2].cos()), dim=-1).flatten(-2)
 
     parts = [embed(coordinates[..., index]) for index in range(coordinates.shape[-1])]

@@ -130,12 +130,12 @@ def test_custom_backbone_plugs_in_through_config(backbone_levels, extra_levels):
     model.in_features = [f"c{level + 3}" for level in range(backbone_levels)]
     model.num_extra_levels = extra_levels
     model.encoder.num_levels = model.decoder.num_levels = num_levels
-    model.foreground_ranges = None  # the default ranges, for any number of levels
+    model.encoder.foreground_ranges = None  # the default ranges, for any number of levels
     shrink_transformer(model, num_levels=num_levels)
     torch.manual_seed(0)
     detector = instantiate(model)
     assert detector.strides == [2 ** (level + 3) for level in range(num_levels)]
-    assert len(detector.foreground_ranges) == num_levels
+    assert len(detector.encoder.foreground_loss.ranges) == num_levels
     check_train_and_eval(detector)
 
 
@@ -144,6 +144,7 @@ def test_inconsistent_levels_name_the_numbers():
     model.backbone = L(ToyBackbone)(num_levels=3)
     model.in_features = ["c3", "c4", "c5"]
     model.num_extra_levels = 1
+    model.encoder.foreground_ranges = None
     with pytest.raises(ValueError, match=r"encoder\.num_levels=5 .* give 4 levels"):
         instantiate(model)
 

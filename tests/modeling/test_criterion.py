@@ -1,9 +1,10 @@
 import math
 
+import helpers
 import pytest
 import torch
 
-from focus_detr.modeling.criterion import SetCriterion, pack_outputs
+from focus_detr.modeling.criterion import SetCriterion, set_outputs
 from focus_detr.modeling.denoising import ContrastiveDenoising
 from focus_detr.modeling.matcher import HungarianMatcher
 
@@ -67,7 +68,14 @@ def test_all_keys_with_aux_enc_and_dn():
     dn = ContrastiveDenoising(num_classes=NUM_CLASSES, hidden_dim=8, dn_number=4)(targets, 5)
     logits, boxes = _decoder_outputs(3, 2, dn.pad_size + 5)
     enc_logits, enc_boxes = _decoder_outputs(1, 2, 5)
-    outputs = pack_outputs(logits, boxes, enc_logits[0], enc_boxes[0], denoising=dn)
+    (matching_logits, matching_boxes), dn_outputs = dn.split_outputs(logits, boxes)
+    outputs = set_outputs(
+        matching_logits,
+        matching_boxes,
+        enc_logits=enc_logits[0],
+        enc_boxes=enc_boxes[0],
+        dn_outputs=dn_outputs,
+    )
     assert outputs["pred_logits"].shape == (2, 5, NUM_CLASSES)
     assert len(outputs["aux_outputs"]) == 2 and len(outputs["dn_outputs"]) == 3
     assert outputs["dn_outputs"][0]["pred_boxes"].shape == (2, dn.pad_size, 4)
@@ -85,7 +93,7 @@ def test_all_keys_with_aux_enc_and_dn():
 def test_empty_targets_finite_and_connected():
     targets = _targets(0, 0)
     logits, boxes = _decoder_outputs(2, 2, 4)
-    outputs = pack_outputs(logits, boxes, logits[0], boxes[0])
+    outputs = set_outputs(logits, boxes, enc_logits=logits[0], enc_boxes=boxes[0])
     losses = _criterion()(outputs, targets, None)
     # DN keys are still reported (zero) so that every process logs the same keys
     assert "loss_class_dn" in losses and "loss_bbox_dn_0" in losses
@@ -175,7 +183,8 @@ def test_end_to_end_with_selection_denoising_and_decoder():
     from focus_detr.modeling.query_selection import TwoStageQuerySelection
 
     torch.manual_seed(0)
-    hidden, shapes = 32, torch.tensor([[4, 4], [2, 2]])
+    hidden = 32
+    features = helpers.make_features(((4, 4), (2, 2)), channels=hidden)
     selector = TwoStageQuerySelection(hidden_dim=hidden, num_classes=NUM_CLASSES, num_queries=5)
     denoiser = ContrastiveDenoising(num_classes=NUM_CLASSES, hidden_dim=hidden, dn_number=4)
     decoder = DINODecoder(
@@ -188,22 +197,25 @@ def test_end_to_end_with_selection_denoising_and_decoder():
         num_classes=NUM_CLASSES,
     )
     memory = torch.randn(2, 20, hidden)
-    padding = torch.zeros(2, 20, dtype=torch.bool)
     targets = _targets(2, 0)
-    selection = selector(memory, padding, shapes)
+    selection = selector(memory, features)
     dn = denoiser(targets, selection.queries.shape[1])
-    logits, boxes = decoder(
+    decoded = decoder(
         torch.cat([dn.queries, selection.queries], 1),
         torch.cat([dn.reference_boxes, selection.reference_boxes], 1),
         memory,
-        padding,
-        shapes,
-        torch.tensor([0, 16]),
-        torch.ones(2, 2, 2),
+        features,
         dn.attn_mask,
         dn.key_padding_mask,
     )
-    outputs = pack_outputs(logits, boxes, selection.enc_logits, selection.enc_boxes, dn)
+    (logits, boxes), dn_outputs = dn.split_outputs(decoded.class_logits, decoded.boxes)
+    outputs = set_outputs(
+        logits,
+        boxes,
+        enc_logits=selection.enc_logits,
+        enc_boxes=selection.enc_boxes,
+        dn_outputs=dn_outputs,
+    )
     losses = _criterion()(outputs, targets, dn)
     assert len(losses) == 3 * 5 and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()

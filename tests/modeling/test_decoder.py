@@ -1,12 +1,11 @@
+import helpers
 import pytest
 import torch
 
+from focus_detr.modeling.box_ops import inverse_sigmoid
 from focus_detr.modeling.decoder import DINODecoder
 from focus_detr.modeling.denoising import build_denoising_attn_mask
 
-SHAPES = torch.tensor([[6, 5], [3, 3]])  # two levels, odd sizes
-LEVEL_START = torch.tensor([0, 30])
-NUM_TOKENS = 39
 HIDDEN = 32
 
 
@@ -26,62 +25,106 @@ def _decoder(**kwargs):
 
 
 def _inputs(batch=2, queries=6):
+    """Queries, boxes, memory and features of two levels with odd sizes; image 1 is padded."""
     torch.manual_seed(1)
-    memory = torch.randn(batch, NUM_TOKENS, HIDDEN)
-    padding = torch.zeros(batch, NUM_TOKENS, dtype=torch.bool)
-    padding[1, 25:30] = True  # last column of level 0 of image 1
-    padding[1, 36:39] = True
-    valid_ratios = torch.ones(batch, 2, 2)
-    valid_ratios[1] = torch.tensor([[0.8, 1.0], [2 / 3, 1.0]])
-    boxes = torch.rand(batch, queries, 4) * 0.5 + 0.25
-    return torch.randn(batch, queries, HIDDEN), boxes, memory, padding, valid_ratios
-
-
-def _run(decoder, queries, boxes, memory, padding, valid_ratios, mask=None, key_padding=None):
-    return decoder(
-        queries, boxes, memory, padding, SHAPES, LEVEL_START, valid_ratios, mask, key_padding
+    # 6x5 and 3x3 cells at strides 8 and 16 (padded input 48x40); image 1 is 48x32
+    features = helpers.make_features(
+        ((6, 5), (3, 3)), batch=batch, channels=HIDDEN, image_sizes=[(48, 40), (48, 32)][:batch]
     )
+    memory = torch.randn(batch, features.tokens.shape[1], HIDDEN)
+    boxes = torch.rand(batch, queries, 4) * 0.5 + 0.25
+    return torch.randn(batch, queries, HIDDEN), boxes, memory, features
 
 
-@pytest.mark.parametrize("frame", ["padded", "valid"])
-def test_shapes_and_box_range(frame):
-    decoder = _decoder(frame=frame)
-    logits, boxes = _run(decoder, *_inputs())
+def _run(decoder, queries, boxes, memory, features, mask=None, key_padding=None, **kwargs):
+    out = decoder(queries, boxes, memory, features, mask, key_padding, **kwargs)
+    return out.class_logits, out.boxes
+
+
+def test_shapes_and_box_range():
+    decoder = _decoder()
+    queries, boxes, memory, features = _inputs()
+    assert features.padding_mask[1].any() and not features.padding_mask[0].any()
+    logits, boxes = _run(decoder, queries, boxes, memory, features)
     assert logits.shape == (3, 2, 6, 5) and boxes.shape == (3, 2, 6, 4)
     assert torch.isfinite(logits).all() and torch.isfinite(boxes).all()
     assert boxes.min() >= 0 and boxes.max() <= 1
 
 
+def test_sampling_locations_on_request():
+    decoder = _decoder()
+    inputs = _inputs()
+    out = decoder(*inputs, return_sampling=True)
+    assert out.sampling_locations.shape == (3, 2, 6, 4, 2, 2, 2)
+    assert out.attention_weights.shape == (3, 2, 6, 4, 2, 2)
+    # softmax over levels x points per head
+    assert torch.allclose(out.attention_weights.sum((-1, -2)), torch.ones(3, 2, 6, 4))
+    plain = decoder(*inputs)
+    assert plain.sampling_locations is None and plain.attention_weights is None
+    assert torch.equal(plain.boxes, out.boxes) and torch.equal(plain.class_logits, out.class_logits)
+
+
 def test_initial_heads():
     decoder = _decoder()
-    queries, ref, memory, padding, ratios = _inputs()
-    logits, boxes = _run(decoder, queries, ref, memory, padding, ratios)
+    queries, ref, memory, features = _inputs()
+    logits, boxes = _run(decoder, queries, ref, memory, features)
     # zero-initialised box heads keep the input boxes; the class prior is 0.01
     assert torch.allclose(boxes, ref.expand_as(boxes), atol=1e-4)
     assert torch.allclose(decoder.class_heads[0].bias.sigmoid(), torch.full((5,), 0.01))
 
 
-def test_valid_frame_with_unit_ratios_equals_padded_frame():
-    queries, ref, memory, padding, _ = _inputs()
-    ones = torch.ones(2, 2, 2)
-    padded = _run(_decoder(frame="padded"), queries, ref, memory, padding, ones)
-    valid = _run(_decoder(frame="valid"), queries, ref, memory, padding, ones)
-    assert torch.allclose(padded[0], valid[0]) and torch.allclose(padded[1], valid[1])
+@pytest.mark.parametrize("refine_from_normed", [False, True])
+def test_reference_update(refine_from_normed):
+    """
+    Hand-worked: the reference box layer 1 samples around is
+    sigmoid(box_head_0(o_0) + logit(r_0)) with o_0 the raw output of layer 0 (the reference), or
+    with norm(o_0) when refine_from_normed; the box layer 0 returns always uses norm(o_0).
+    """
+    decoder = _decoder(num_layers=2, refine_from_normed=refine_from_normed)
+    for head in decoder.box_heads:
+        torch.nn.init.normal_(head[-2].weight, std=0.5)
+    # layer outputs are already layer-normed: a trained final norm's affine part differs
+    torch.nn.init.normal_(decoder.norm.weight)
+    torch.nn.init.normal_(decoder.norm.bias)
+    queries, ref, memory, features = _inputs(batch=1)
+    seen = {}
+    decoder.layers[0].register_forward_hook(lambda m, a, out: seen.update(o0=out))
+    decoder.layers[1].register_forward_pre_hook(lambda m, a: seen.update(boxes1=a[2]))
+    out = decoder(queries, ref, memory, features)
+    raw, normed = seen["o0"], decoder.norm(seen["o0"])
+    eps = decoder.inverse_sigmoid_eps
+    expected_returned = (decoder.box_heads[0](normed) + inverse_sigmoid(ref, eps)).sigmoid()
+    refine_input = normed if refine_from_normed else raw
+    expected_next = (decoder.box_heads[0](refine_input) + inverse_sigmoid(ref, eps)).sigmoid()
+    assert torch.allclose(out.boxes[0], expected_returned, atol=1e-6)
+    # layer 1 received the box on every level: no padding in this image (valid ratios 1)
+    assert torch.allclose(seen["boxes1"][:, :, 0], expected_next, atol=1e-6)
+    assert torch.allclose(seen["boxes1"][:, :, 1], expected_next, atol=1e-6)
+    if not refine_from_normed:
+        assert not torch.allclose(expected_next, expected_returned, atol=1e-3)
+
+
+def test_inverse_sigmoid_matches_the_reference_formula():
+    x = torch.tensor([0.0, 1e-4, 1e-3, 0.3, 0.999, 1.0])
+    expected = torch.log(x.clamp(min=1e-3) / (1 - x).clamp(min=1e-3))
+    assert torch.equal(inverse_sigmoid(x), expected)
+    # torch.logit(x, eps) clamps x itself and differs at the ends
+    assert not torch.allclose(torch.logit(x, 1e-3), expected)
 
 
 def test_look_forward_twice_gradient():
     decoder = _decoder()
-    queries, ref, memory, padding, ratios = _inputs()
+    queries, ref, memory, features = _inputs()
     # make the box deltas non-zero so the boxes actually move
     for head in decoder.box_heads:
-        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
-    _, boxes = _run(decoder, queries, ref, memory, padding, ratios)
+        torch.nn.init.normal_(head[-2].weight, std=0.1)
+    _, boxes = _run(decoder, queries, ref, memory, features)
 
     def head_grads(layer_loss):
         decoder.zero_grad()
         layer_loss.backward(retain_graph=True)
         return [
-            (h.layers[-1].weight.grad is not None and h.layers[-1].weight.grad.abs().sum() > 0)
+            (h[-2].weight.grad is not None and h[-2].weight.grad.abs().sum() > 0)
             for h in decoder.box_heads
         ]
 
@@ -91,15 +134,15 @@ def test_look_forward_twice_gradient():
     assert head_grads(boxes[2].sum()) == [False, True, True]
     # the reference handed to the next layer is detached: no gradient into the input boxes
     ref.requires_grad_()
-    _, boxes = _run(decoder, queries, ref, memory, padding, ratios)
+    _, boxes = _run(decoder, queries, ref, memory, features)
     boxes[2].sum().backward()
     assert ref.grad is None or ref.grad.abs().sum() == 0
 
 
 def test_matching_queries_do_not_see_denoising_queries():
     decoder = _decoder()
-    queries, ref, memory, padding, ratios = _inputs(queries=3)
-    matching = _run(decoder, queries, ref, memory, padding, ratios)
+    queries, ref, memory, features = _inputs(queries=3)
+    matching = _run(decoder, queries, ref, memory, features)
     dn_queries, dn_boxes = torch.randn(2, 8, HIDDEN), torch.rand(2, 8, 4) * 0.5 + 0.25
     mask = build_denoising_attn_mask(2, 4, 3)
     both = _run(
@@ -107,8 +150,7 @@ def test_matching_queries_do_not_see_denoising_queries():
         torch.cat([dn_queries, queries], 1),
         torch.cat([dn_boxes, ref], 1),
         memory,
-        padding,
-        ratios,
+        features,
         mask,
     )
     assert torch.allclose(both[0][:, :, 8:], matching[0], atol=1e-5)
@@ -117,20 +159,20 @@ def test_matching_queries_do_not_see_denoising_queries():
 
 def test_key_padding_hides_padded_denoising_slots():
     decoder = _decoder()
-    queries, ref, memory, padding, ratios = _inputs(queries=7)
+    queries, ref, memory, features = _inputs(queries=7)
     mask = build_denoising_attn_mask(1, 4, 3)
     key_padding = torch.zeros(2, 7, dtype=torch.bool)
     key_padding[1, [1, 3]] = True
-    first = _run(decoder, queries, ref, memory, padding, ratios, mask, key_padding)
+    first = _run(decoder, queries, ref, memory, features, mask, key_padding)
     changed = queries.clone()
     changed[1, [1, 3]] = 100.0
-    second = _run(decoder, changed, ref, memory, padding, ratios, mask, key_padding)
+    second = _run(decoder, changed, ref, memory, features, mask, key_padding)
     keep = torch.ones(7, dtype=torch.bool)
     keep[[1, 3]] = False
     assert torch.allclose(first[0][:, 1, keep], second[0][:, 1, keep], atol=1e-5)
     assert torch.allclose(first[0][:, 0], second[0][:, 0], atol=1e-5)
     # without the key padding mask the real queries of the group would read the padded slots
-    leaky = _run(decoder, changed, ref, memory, padding, ratios, mask)
+    leaky = _run(decoder, changed, ref, memory, features, mask)
     assert not torch.allclose(first[0][:, 1, [0, 2]], leaky[0][:, 1, [0, 2]], atol=1e-3)
 
 
@@ -138,7 +180,7 @@ def test_gradients_reach_all_parameters():
     decoder = _decoder()
     logits, boxes = _run(decoder, *_inputs())
     for head in decoder.box_heads:
-        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+        torch.nn.init.normal_(head[-2].weight, std=0.1)
     logits, boxes = _run(decoder, *_inputs())
     (logits.sum() + boxes.sum()).backward()
     missing = [name for name, p in decoder.named_parameters() if p.grad is None]
@@ -147,7 +189,12 @@ def test_gradients_reach_all_parameters():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_layers": 0}, {"embed_dim": 31, "num_heads": 1}, {"frame": "image"}, {"dropout": 1.0}],
+    [
+        {"num_layers": 0},
+        {"embed_dim": 31, "num_heads": 1},
+        {"dropout": 1.0},
+        {"inverse_sigmoid_eps": 0.0},
+    ],
 )
 def test_constructor_validation(kwargs):
     with pytest.raises(ValueError):

@@ -163,7 +163,7 @@ def _parts(cfg):
         ({"num_select": 0}, "num_select"),
         ({"input_format": "YUV"}, "input_format"),
         ({"pixel_std": [1.0, 0.0, 1.0]}, "pixel_std"),
-        ({"foreground_loss_weight": -1.0}, "foreground_loss_weight"),
+        ({"num_select": 21}, "num_select=21 .* num_queries=20"),
     ],
 )
 def test_bad_values_raise(overrides, match):
@@ -184,6 +184,7 @@ def test_bad_values_raise(overrides, match):
 )
 def test_levels_inconsistent_with_the_neck_raise(module, key, value):
     cfg = tiny_model_config()
+    cfg.encoder.foreground_ranges = None  # one default range per level, whatever the count
     (cfg[module] if module else cfg)[key] = value
     with pytest.raises(ValueError, match="num_levels"):
         FocusDETR(**_parts(cfg))

@@ -1,13 +1,13 @@
 import math
 
+import helpers
 import pytest
 import torch
 
-from focus_detr.modeling.query_selection import TwoStageQuerySelection, generate_proposals
+from focus_detr.modeling.query_selection import TwoStageQuerySelection
 
-SHAPES = torch.tensor([[4, 4], [2, 2]])
-NUM_TOKENS = 20
 HIDDEN = 32
+NUM_TOKENS = 20  # levels of 4x4 and 2x2 cells
 
 
 def _selector(**kwargs):
@@ -18,61 +18,24 @@ def _selector(**kwargs):
     return TwoStageQuerySelection(**kwargs)
 
 
-def _padding():
-    padding = torch.zeros(2, NUM_TOKENS, dtype=torch.bool)
-    # image 1 is 3/4 wide and 1/2 high: level 0 keeps a 2x3 block, level 1 a 1x2 block
-    level0 = torch.ones(4, 4, dtype=torch.bool)
-    level0[:2, :3] = False
-    level1 = torch.ones(2, 2, dtype=torch.bool)
-    level1[:1, :2] = False
-    padding[1] = torch.cat([level0.flatten(), level1.flatten()])
-    return padding
+def _features(base_scale=0.05):
+    """Image 0 fills the 32x32 input; image 1 is 16x24: level 0 keeps 2x3 cells, level 1 1x2."""
+    from focus_detr.modeling.multi_scale import generate_proposals, level_padding_masks
 
-
-def test_proposals_by_hand():
-    padding = torch.zeros(1, 5, dtype=torch.bool)
-    proposals, valid = generate_proposals(padding, torch.tensor([[2, 2], [1, 1]]))
-    expected = torch.tensor(
-        [
-            [0.25, 0.25, 0.05, 0.05],
-            [0.75, 0.25, 0.05, 0.05],
-            [0.25, 0.75, 0.05, 0.05],
-            [0.75, 0.75, 0.05, 0.05],
-            [0.5, 0.5, 0.1, 0.1],
-        ]
+    features = helpers.make_features(
+        ((4, 4), (2, 2)), channels=HIDDEN, image_sizes=[(32, 32), (16, 24)]
     )
-    assert valid.all()
-    assert torch.allclose(proposals[0].sigmoid(), expected, atol=1e-6)
-
-
-def test_invalid_proposals_are_inf():
-    padding = _padding()
-    proposals, valid = generate_proposals(padding, SHAPES, base_scale=0.6)
-    # level-1 side 1.2 is out of (0.01, 0.99): every level-1 token is invalid
-    assert not valid[:, 16:].any()
-    assert torch.equal(valid[:, :16], ~padding[:, :16])
-    assert torch.isinf(proposals[~valid]).all() and (proposals[~valid] > 0).all()
-    assert torch.isfinite(proposals[valid]).all()
-
-
-def test_valid_frame_normalises_by_valid_size():
-    padding = _padding()
-    proposals, valid = generate_proposals(padding, SHAPES, frame="valid")
-    boxes = proposals[1, :16].sigmoid().view(4, 4, 4)
-    # valid width 3 cells, valid height 2 cells at level 0
-    assert torch.allclose(boxes[0, :3, 0], torch.tensor([1 / 6, 3 / 6, 5 / 6]), atol=1e-6)
-    assert torch.allclose(boxes[:2, 0, 1], torch.tensor([0.25, 0.75]), atol=1e-6)
-    assert torch.equal(valid[1], ~padding[1])
-    # the padded frame ignores the padding: quarters of the padded width
-    proposals, _ = generate_proposals(padding, SHAPES, frame="padded")
-    boxes = proposals[1, :16].sigmoid().view(4, 4, 4)
-    assert torch.allclose(boxes[0, :3, 0], torch.tensor([1 / 8, 3 / 8, 5 / 8]), atol=1e-6)
+    masks = level_padding_masks([(32, 32), (16, 24)], (32, 32), [(4, 4), (2, 2)], "cpu")
+    features.proposals, features.proposal_valid = generate_proposals(
+        masks, torch.float32, base_scale=base_scale
+    )
+    return features
 
 
 def test_output_shapes_and_gradients():
     selector = _selector()
     memory = torch.randn(2, NUM_TOKENS, HIDDEN, requires_grad=True)
-    out = selector(memory, _padding(), SHAPES)
+    out = selector(memory, _features())
     assert out.queries.shape == (2, 6, HIDDEN)
     assert out.reference_boxes.shape == (2, 6, 4) and not out.reference_boxes.requires_grad
     assert out.enc_logits.shape == (2, 6, 5) and out.enc_boxes.shape == (2, 6, 4)
@@ -87,26 +50,59 @@ def test_output_shapes_and_gradients():
     assert torch.all(scores[:, :-1] >= scores[:, 1:])
 
 
-def test_never_picks_padded_tokens():
-    selector = _selector(num_queries=6)
-    # make padded tokens the most attractive if they were not masked
-    with torch.no_grad():
-        selector.class_head.bias.fill_(10.0)
+@pytest.mark.parametrize("select_invalid_tokens", [True, False])
+def test_never_picks_padded_tokens_when_they_score_low(select_invalid_tokens):
+    selector = _selector(num_queries=6, select_invalid_tokens=select_invalid_tokens)
+    features = _features()
     memory = torch.randn(2, NUM_TOKENS, HIDDEN)
-    padding = _padding()
-    memory[padding] = 1e4
-    out = selector(memory, padding, SHAPES)
-    assert not padding.gather(1, out.topk_indices).any()
-    assert out.topk_valid.all()
+    memory[features.padding_mask] = 1e4  # ignored: invalid tokens' memory is zeroed
+    out = selector(memory, features)
+    assert out.topk_valid[0].all()
+    if not select_invalid_tokens:
+        assert not features.padding_mask.gather(1, out.topk_indices).any()
+        assert out.topk_valid.all()
+
+
+def _attract_invalid_tokens(selector):
+    """Zeroed (invalid) tokens score high, real tokens along -u score low."""
+    direction = torch.randn(HIDDEN)
+    with torch.no_grad():
+        selector.memory_projection[0].weight.copy_(torch.eye(HIDDEN))
+        selector.memory_projection[0].bias.copy_(10 * direction)
+        selector.class_head.weight.zero_()
+        selector.class_head.weight[0] = direction
+        selector.class_head.bias.zero_()
+    return direction
+
+
+def test_reference_selects_invalid_tokens_with_unit_boxes():
+    """Reference behaviour: the top-k runs over every token; invalid ones get box (1, 1, 1, 1)."""
+    selector = _selector(num_queries=6, select_invalid_tokens=True)
+    direction = _attract_invalid_tokens(selector)
+    features = _features(base_scale=0.6)  # level-1 proposals (side 1.2) are all invalid
+    memory = (-100 * direction).expand(2, NUM_TOKENS, HIDDEN).clone()
+    out = selector(memory, features)
+    picked_invalid = ~out.topk_valid
+    assert picked_invalid[0].sum() == 4  # the four level-1 tokens of image 0
+    assert torch.equal(
+        out.enc_boxes[picked_invalid], torch.ones_like(out.enc_boxes[picked_invalid])
+    )
+    out.enc_boxes.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in selector.parameters() if p.grad is not None)
+
+    # the departure ranks invalid tokens last
+    departure = _selector(num_queries=6, select_invalid_tokens=False)
+    _attract_invalid_tokens(departure)
+    assert departure(memory, features).topk_valid[0].all()
 
 
 def test_fewer_valid_tokens_than_queries():
-    selector = _selector(num_queries=12)
-    padding = _padding()  # image 1 has 6 + 2 = 8 valid tokens
-    out = selector(torch.randn(2, NUM_TOKENS, HIDDEN), padding, SHAPES)
+    selector = _selector(num_queries=12, select_invalid_tokens=False)
+    features = _features()  # image 1 has 6 + 2 = 8 valid tokens
+    out = selector(torch.randn(2, NUM_TOKENS, HIDDEN), features)
     assert out.topk_valid[0].all()
     assert out.topk_valid[1].tolist() == [True] * 8 + [False] * 4
-    assert not padding[1].gather(0, out.topk_indices[1, :8]).any()
+    assert not features.padding_mask[1].gather(0, out.topk_indices[1, :8]).any()
     for tensor in (out.enc_boxes, out.reference_boxes, out.enc_logits):
         assert torch.isfinite(tensor).all()
     out.enc_boxes.sum().backward()
@@ -114,20 +110,23 @@ def test_fewer_valid_tokens_than_queries():
 
 
 def test_num_queries_clamped_to_tokens():
-    out = _selector(num_queries=50)(torch.randn(2, NUM_TOKENS, HIDDEN), _padding(), SHAPES)
+    out = _selector(num_queries=50)(torch.randn(2, NUM_TOKENS, HIDDEN), _features())
     assert out.queries.shape == (2, NUM_TOKENS, HIDDEN)
     assert out.topk_indices.shape == (2, NUM_TOKENS)
 
 
-def test_initialisation():
+def test_initialisation_and_shared_heads():
     selector = _selector()
     prior = -math.log((1 - 0.01) / 0.01)
     assert torch.allclose(selector.class_head.bias, torch.full((5,), prior))
-    assert torch.all(selector.box_head.layers[-1].weight == 0)
+    assert torch.all(selector.box_head[-2].weight == 0)
+    shared = selector.shared_heads()
+    assert shared["class_head"] is selector.class_head
+    assert shared["memory_projection"] is selector.memory_projection
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"num_queries": 0}, {"base_scale": 0.0}, {"frame": "image"}, {"prior_prob": 1.0}]
+    "kwargs", [{"num_queries": 0}, {"base_scale": 0.0}, {"prior_prob": 1.0}, {"hidden_dim": -1}]
 )
 def test_constructor_validation(kwargs):
     with pytest.raises(ValueError):

@@ -1,7 +1,8 @@
-# Focus-DETR with a ResNet-50 backbone, 4 scales (res3-res5 + one stride-2 level), reference
-# hyperparameters of SPEC.md: hidden 256, 8 heads, 6 + 6 layers, FFN 2048, 4 points, 900 queries,
-# keep ratio 0.5 with factors (1.0, 0.8, 0.6, 0.6, 0.4, 0.2), top-300 dual attention,
-# 100 denoising queries.
+# Focus-DETR with a ResNet-50 backbone, 4 scales (res3-res5 + one stride-2 level): the reference
+# hyperparameters (hidden 256, 8 heads, 6 + 6 layers, FFN 2048, 4 points, 900 queries, keep ratio
+# 0.5 with factors (1.0, 0.8, 0.6, 0.6, 0.4, 0.2), top-300 dual attention, 100 denoising queries)
+# and the reference behaviour (docs/differences_from_reference.md lists the options that depart
+# from it; they are all off here).
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem, ResNet
 
@@ -9,14 +10,14 @@ from focus_detr.modeling import (
     REFERENCE_SIZE_RANGES,
     ContrastiveDenoising,
     DINODecoder,
-    FocusDETR,
     FocusEncoder,
     HungarianMatcher,
     SetCriterion,
+    TwoStageDETR,
     TwoStageQuerySelection,
 )
 
-model = L(FocusDETR)(
+model = L(TwoStageDETR)(
     backbone=L(ResNet)(
         stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
         stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=False, norm="FrozenBN"),
@@ -38,8 +39,12 @@ model = L(FocusDETR)(
         keep_ratio=0.5,
         layer_keep_factors=(1.0, 0.8, 0.6, 0.6, 0.4, 0.2),
         topk_sa=300,
-        score_product="probability",
+        score_product="logit",
+        project_category_input=False,
+        selector_input_mask="proposals",
         value_source="initial",
+        foreground_ranges=REFERENCE_SIZE_RANGES,
+        foreground_loss_weight=1.5,
     ),
     decoder=L(DINODecoder)(
         num_layers=6,
@@ -50,9 +55,14 @@ model = L(FocusDETR)(
         num_levels=4,
         num_points=4,
         num_classes="${..num_classes}",
+        refine_from_normed=False,
+        inverse_sigmoid_eps=1e-3,
     ),
     query_selection=L(TwoStageQuerySelection)(
-        hidden_dim="${..hidden_dim}", num_classes="${..num_classes}", num_queries=900
+        hidden_dim="${..hidden_dim}",
+        num_classes="${..num_classes}",
+        num_queries=900,
+        select_invalid_tokens=True,
     ),
     denoising=L(ContrastiveDenoising)(
         num_classes="${..num_classes}",
@@ -68,10 +78,9 @@ model = L(FocusDETR)(
         focal_alpha=0.25,
         focal_gamma=2.0,
     ),
-    foreground_ranges=REFERENCE_SIZE_RANGES,
-    foreground_loss_weight=1.5,
     num_select=300,
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],
     input_format="RGB",
+    transformer_init="xavier",
 )

@@ -1,21 +1,21 @@
 import math
-import time
 
 import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from focus_detr.modeling.foreground_targets import (
+from focus_detr.modeling.encoders.foreground_targets import (
     REFERENCE_SIZE_RANGES,
     ForegroundLoss,
     compute_foreground_targets,
+    default_size_ranges,
     foreground_loss,
     overlapping_size_ranges,
 )
 
 # a 16 x 16 padded input: level 0 stride 4 (4 x 4 cells, centres 2, 6, 10, 14),
 # level 1 stride 8 (2 x 2 cells, centres 4, 12); flattened index = level offset + i * w + j
-SHAPES = torch.tensor([[4, 4], [2, 2]])
+SHAPES = [(4, 4), (2, 2)]
 STRIDES = (4, 8)
 
 
@@ -87,7 +87,7 @@ def test_empty_image_and_batch():
 def dense_targets(boxes, shapes, strides, ranges):
     """Brute force (N, M, 4) reference for one image."""
     rows = []
-    for (h, w), s, (lo, hi) in zip(shapes.tolist(), strides, ranges):
+    for (h, w), s, (lo, hi) in zip(shapes, strides, ranges):
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         x = (xs.flatten() * s + s // 2).float()[:, None]
         y = (ys.flatten() * s + s // 2).float()[:, None]
@@ -99,7 +99,7 @@ def dense_targets(boxes, shapes, strides, ranges):
 
 def test_crowded_image_chunking_matches_dense_reference():
     torch.manual_seed(0)
-    shapes = torch.tensor([[16, 12], [8, 6], [4, 3]])
+    shapes = [(16, 12), (8, 6), (4, 3)]
     strides = (8, 16, 32)
     ranges = overlapping_size_ranges([(-1, 16), (16, 48), (48, math.inf)])
     corner = torch.rand(500, 2) * torch.tensor([96.0, 128.0])
@@ -107,21 +107,52 @@ def test_crowded_image_chunking_matches_dense_reference():
     boxes = torch.cat([corner, corner + size], dim=1)
     expected = dense_targets(boxes, shapes, strides, ranges)
     assert 0 < expected.sum() < expected.numel()
-    for chunk in (1, 7, 32, 500):
-        targets = compute_foreground_targets([boxes], shapes, strides, ranges, box_chunk_size=chunk)
+    # the largest temporary holds about max_elements values: from 1 box to all 500 at once
+    for max_elements in (1, 7 * 192, 32 * 192, 500 * 192):
+        targets = compute_foreground_targets(
+            [boxes], shapes, strides, ranges, max_elements=max_elements
+        )
         assert torch.equal(targets[0], expected)
 
 
-def test_crowded_image_full_resolution_is_fast():
-    # 800 x 1333 input, M = 500: a dense (N, M, 4) float tensor would be 178 MB
+def test_batch_equals_images_alone():
     torch.manual_seed(0)
-    shapes = torch.tensor([[100, 167], [50, 84], [25, 42], [13, 21]])
+    shapes, strides = [(8, 8), (4, 4)], (8, 16)
+    ranges = [(-1, 24), (24, math.inf)]
+    boxes = [
+        torch.tensor([[0.0, 0.0, 30.0, 20.0], [10.0, 10.0, 60.0, 60.0]]),
+        torch.zeros(0, 4),
+        torch.tensor([[5.0, 5.0, 25.0, 45.0]]),
+    ]
+    batch = compute_foreground_targets(boxes, shapes, strides, ranges)
+    for image, image_boxes in enumerate(boxes):
+        alone = compute_foreground_targets([image_boxes], shapes, strides, ranges)
+        assert torch.equal(batch[image], alone[0])
+    assert batch[1].sum() == 0 and batch[0].sum() > 0 and batch[2].sum() > 0
+
+
+def test_crowded_image_full_resolution_is_bounded():
+    """
+    800 x 1333 input, M = 500: a dense (N, M, 4) float tensor would be 178 MB; the chunked
+    computation gives the same targets whatever the bound of its temporaries (its timing is
+    printed by ``python -m focus_detr.tools.benchmark_foreground_targets``).
+    """
+    torch.manual_seed(0)
+    shapes = [(100, 167), (50, 84), (25, 42), (13, 21)]
     corner = torch.rand(500, 2) * torch.tensor([1200.0, 700.0])
     boxes = torch.cat([corner, corner + torch.rand(500, 2) * 300 + 2], dim=1)
-    start = time.perf_counter()
     targets = compute_foreground_targets([boxes], shapes, (8, 16, 32, 64))
-    assert time.perf_counter() - start < 5.0
+    small = compute_foreground_targets([boxes], shapes, (8, 16, 32, 64), max_elements=1 << 18)
     assert targets.shape == (1, 22223) and targets.sum() > 0
+    assert torch.equal(targets, small)
+
+
+def test_default_size_ranges():
+    assert default_size_ranges(4) == list(REFERENCE_SIZE_RANGES)
+    assert default_size_ranges(3) == [(-1.0, 64.0), (64.0, 128.0), (128.0, math.inf)]
+    assert default_size_ranges(5)[-2:] == [(256.0, 512.0), (512.0, math.inf)]
+    with pytest.raises(ValueError, match="0"):
+        default_size_ranges(0)
 
 
 @pytest.mark.parametrize(
@@ -160,9 +191,11 @@ def test_foreground_loss_module_applies_weight():
     boxes = [torch.tensor([[0.0, 0.0, 9.0, 9.0]]), torch.zeros(0, 4)]
     logits = torch.randn(2, 20)
     padding = torch.zeros(2, 20, dtype=torch.bool)
-    module = ForegroundLoss(strides=STRIDES, ranges=[(-1, 8), (8, math.inf)])
+    module = ForegroundLoss(num_levels=2, ranges=[(-1, 8), (8, math.inf)])
     targets = compute_foreground_targets(boxes, SHAPES, STRIDES, [(-1, 8), (8, math.inf)])
     expected = 1.5 * foreground_loss(logits, targets, padding)
-    torch.testing.assert_close(module(logits, padding, SHAPES, boxes), expected)
+    torch.testing.assert_close(module(logits, padding, SHAPES, STRIDES, boxes), expected)
     with pytest.raises(ValueError, match="-1"):
-        ForegroundLoss(strides=STRIDES, ranges=[(-1, 8), (8, math.inf)], weight=-1)
+        ForegroundLoss(num_levels=2, ranges=[(-1, 8), (8, math.inf)], weight=-1)
+    with pytest.raises(ValueError, match="one size range per level"):
+        ForegroundLoss(num_levels=3, ranges=[(-1, 8), (8, math.inf)])

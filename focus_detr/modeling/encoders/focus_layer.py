@@ -1,16 +1,14 @@
-"""One Focus-DETR encoder layer: dual attention, deformable attention, FFN (post-norm)."""
-
-from typing import Optional
+"""One Focus-DETR encoder layer: dual attention, then the deformable layer (post-norm)."""
 
 import torch
 from torch import nn
 
-from ..layers.ms_deform_attn import MultiScaleDeformableAttention
+from .deformable_layer import DeformableEncoderLayer
 
 __all__ = ["FocusEncoderLayer"]
 
 
-class FocusEncoderLayer(nn.Module):
+class FocusEncoderLayer(DeformableEncoderLayer):
     """
     Updates the tokens an encoder layer selected:
 
@@ -34,53 +32,26 @@ class FocusEncoderLayer(nn.Module):
     ):
         """
         Args:
-            embed_dim: token channels.
-            num_heads: heads of both attentions.
-            num_levels: feature levels sampled by the deformable attention.
-            num_points: sampling points per head and level.
-            ffn_dim: hidden width of the FFN.
-            dropout: dropout after each attention and inside the FFN (Focus-DETR: 0).
+            embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout: see
+                :class:`DeformableEncoderLayer`; ``num_heads`` also for the dual attention.
             topk_sa: tokens per image in the dual self-attention; clamped to those available.
         """
-        super().__init__()
-        if ffn_dim <= 0:
-            raise ValueError(f"ffn_dim must be positive, got {ffn_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        super().__init__(
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            num_levels=num_levels,
+            num_points=num_points,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+        )
         if topk_sa <= 0:
             raise ValueError(f"topk_sa must be positive, got {topk_sa}")
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
-            raise ValueError(
-                f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
-                f"num_heads={num_heads}"
-            )
-        self.embed_dim = embed_dim
         self.topk_sa = topk_sa
-
         self.self_attn = nn.MultiheadAttention(
             embed_dim, num_heads, dropout=dropout, batch_first=True
         )
         self.self_attn_dropout = nn.Dropout(dropout)
         self.self_attn_norm = nn.LayerNorm(embed_dim)
-
-        self.deformable_attn = MultiScaleDeformableAttention(
-            embed_dim=embed_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
-        )
-        self.deformable_dropout = nn.Dropout(dropout)
-        self.deformable_norm = nn.LayerNorm(embed_dim)
-
-        self.ffn = nn.Sequential(
-            nn.Linear(embed_dim, ffn_dim),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(ffn_dim, embed_dim),
-            nn.Dropout(dropout),
-        )
-        self.ffn_norm = nn.LayerNorm(embed_dim)
-        for module in self.ffn:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
 
     def dual_self_attention(
         self,
@@ -129,13 +100,13 @@ class FocusEncoderLayer(nn.Module):
         updated = torch.where(selected_valid.unsqueeze(-1), updated, selected_query)
         return query.scatter(1, gather_index, updated)
 
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         query: torch.Tensor,
         query_pos: torch.Tensor,
         reference_points: torch.Tensor,
         value: torch.Tensor,
-        value_padding_mask: Optional[torch.Tensor],
+        value_padding_mask,
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         scores: torch.Tensor,
@@ -143,13 +114,8 @@ class FocusEncoderLayer(nn.Module):
     ) -> torch.Tensor:
         """
         Args:
-            query: (B, k, C) selected tokens.
-            query_pos: (B, k, C) their position embeddings.
-            reference_points: (B, k, L, 2) their normalized reference points.
-            value: (B, N, C) all flattened tokens, the deformable attention's value.
-            value_padding_mask: (B, N) bool, True on padded value tokens, or None.
-            spatial_shapes: (L, 2) int64 (h, w) of every level.
-            level_start_index: (L,) int64 offset of every level in ``value``.
+            query, query_pos, reference_points, value, value_padding_mask, spatial_shapes,
+                level_start_index: see :meth:`DeformableEncoderLayer.forward`.
             scores: (B, k) fine-grained scores ranking the tokens for the dual attention.
             query_valid: (B, k) bool, False for tokens beyond the image's budget.
 
@@ -157,13 +123,12 @@ class FocusEncoderLayer(nn.Module):
             (B, k, C) updated tokens (the caller writes back only the valid ones).
         """
         query = self.dual_self_attention(query, query_pos, scores, query_valid)
-        attended = self.deformable_attn(
-            query + query_pos,
+        return super().forward(
+            query,
+            query_pos,
             reference_points,
             value,
+            value_padding_mask,
             spatial_shapes,
             level_start_index,
-            value_padding_mask,
         )
-        query = self.deformable_norm(query + self.deformable_dropout(attended))
-        return self.ffn_norm(query + self.ffn(query))

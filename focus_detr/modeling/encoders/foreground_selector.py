@@ -1,6 +1,6 @@
 """The Foreground Token Selector (FTS) of Focus-DETR: one foreground logit per token."""
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ class ForegroundTokenSelector(nn.Module):
         hidden_dim: Optional[int] = None,
         head_dims: Optional[Sequence[int]] = None,
         alpha_init_range: float = 0.3,
+        top_down: bool = True,
+        global_context: str = "level",
     ):
         """
         Args:
@@ -46,6 +48,10 @@ class ForegroundTokenSelector(nn.Module):
                 ``(hidden_dim // 2, hidden_dim // 4)`` (reference: 128, 64).
             alpha_init_range: modulation coefficients start uniform in
                 ``[-alpha_init_range, alpha_init_range]`` (reference: 0.3).
+            top_down: modulate every level by the logits of the coarser one (Focus-DETR);
+                False scores every level independently (Sparse DETR's scoring network).
+            global_context: the global half of the hidden channels is averaged over the valid
+                tokens of each "level" (Focus-DETR) or of the whole "image" (Sparse DETR).
         """
         super().__init__()
         if embed_dim <= 0:
@@ -62,6 +68,15 @@ class ForegroundTokenSelector(nn.Module):
             )
         if alpha_init_range < 0:
             raise ValueError(f"alpha_init_range must be >= 0, got {alpha_init_range}")
+        if global_context not in ("level", "image"):
+            raise ValueError(f"global_context must be 'level' or 'image', got {global_context!r}")
+        if top_down and global_context != "level":
+            raise ValueError(
+                f"top-down modulation scores level by level: global_context must be 'level', "
+                f"got {global_context!r}"
+            )
+        self.top_down = top_down
+        self.global_context = global_context
         self.embed_dim = embed_dim
         self.num_levels = num_levels
         self.hidden_dim = hidden_dim
@@ -78,7 +93,7 @@ class ForegroundTokenSelector(nn.Module):
         layers.append(nn.Linear(in_dim, 1))
         self.output_layers = nn.Sequential(*layers)
         # alpha[j] modulates level L-2-j: the j-th step down from the coarsest level
-        self.alpha = nn.Parameter(torch.empty(num_levels - 1))
+        self.alpha = nn.Parameter(torch.empty(num_levels - 1)) if top_down else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,11 +101,32 @@ class ForegroundTokenSelector(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.uniform_(self.alpha, -self.alpha_init_range, self.alpha_init_range)
+        if self.alpha is not None:
+            nn.init.uniform_(self.alpha, -self.alpha_init_range, self.alpha_init_range)
+
+    def hidden_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, n, C) tokens -> (B, n, hidden_dim) output of ``LN -> Linear -> GELU``."""
+        return self.input_layer(features)
+
+    def global_mean(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """
+        Mean of the global half of ``hidden`` (B, n, hidden_dim) over the ``valid`` (B, n)
+        tokens: (B, 1, hidden_dim / 2). An image without a valid token gets zero context.
+        """
+        global_part = hidden[..., self.hidden_dim // 2 :]
+        weights = valid.to(hidden.dtype).unsqueeze(-1)
+        count = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return (global_part * weights).sum(dim=1, keepdim=True) / count
+
+    def score_hidden(self, hidden: torch.Tensor, global_mean: torch.Tensor) -> torch.Tensor:
+        """(B, n, hidden_dim) hidden features + (B, 1, hidden_dim / 2) context -> (B, n) logits."""
+        local_part = hidden[..., : self.hidden_dim // 2]
+        hidden = torch.cat([local_part, global_mean.expand_as(local_part)], dim=-1)
+        return self.output_layers(hidden).squeeze(-1)
 
     def score_level(self, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """
-        The shared scoring network on the tokens of one level.
+        The shared scoring network on the tokens of one level, with the level's own context.
 
         Args:
             features: (B, n, C) tokens of one level.
@@ -99,49 +135,63 @@ class ForegroundTokenSelector(nn.Module):
         Returns:
             (B, n) raw logits.
         """
-        hidden = self.input_layer(features)
-        local_part, global_part = hidden.split(self.hidden_dim // 2, dim=-1)
-        weights = valid.to(hidden.dtype).unsqueeze(-1)
-        # clamp: an image without a valid token on this level gets a zero global context
-        count = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
-        global_mean = (global_part * weights).sum(dim=1, keepdim=True) / count
-        hidden = torch.cat([local_part, global_mean.expand_as(global_part)], dim=-1)
-        return self.output_layers(hidden).squeeze(-1)
+        hidden = self.hidden_features(features)
+        return self.score_hidden(hidden, self.global_mean(hidden, valid))
 
     def forward(
-        self, features: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+        self,
+        features: torch.Tensor,
+        padding_mask: torch.Tensor,
+        level_shapes: Sequence[Tuple[int, int]],
     ) -> torch.Tensor:
         """
         Args:
             features: (B, N, C) flattened multi-scale tokens, finest level first. In Focus-DETR
-                these are ``token_projection((tokens + token_pos) with padding zeroed)``.
+                these are ``token_projection((tokens + pos) with padding zeroed)``.
             padding_mask: (B, N) bool, True on padded tokens.
-            spatial_shapes: (L, 2) int64 (h, w) of every level, N = sum of h * w.
+            level_shapes: L pairs (h, w) of Python ints, N = sum of h * w.
 
         Returns:
-            (B, N) raw foreground logits. Values on padded tokens are meaningless (callers
-            mask them).
+            (B, N) raw logits. Values on padded tokens are meaningless (callers mask them).
         """
-        if spatial_shapes.shape != (self.num_levels, 2):
-            raise ValueError(
-                f"spatial_shapes must have shape ({self.num_levels}, 2), got "
-                f"{tuple(spatial_shapes.shape)}"
-            )
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-        sizes = [h * w for h, w in shapes]
+        if len(level_shapes) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} level shapes, got {list(level_shapes)}")
+        sizes = [height * width for height, width in level_shapes]
         if sum(sizes) != features.shape[1] or padding_mask.shape != features.shape[:2]:
             raise ValueError(
                 f"features {tuple(features.shape)} and padding_mask "
-                f"{tuple(padding_mask.shape)} do not match spatial_shapes {shapes}"
+                f"{tuple(padding_mask.shape)} do not match level shapes {list(level_shapes)}"
             )
+        valid = ~padding_mask
+        if not self.top_down:
+            hidden = self.hidden_features(features)
+            if self.global_context == "image":
+                return self.score_hidden(hidden, self.global_mean(hidden, valid))
+            return torch.cat(
+                [
+                    self.score_hidden(level_hidden, self.global_mean(level_hidden, level_valid))
+                    for level_hidden, level_valid in zip(
+                        hidden.split(sizes, dim=1), valid.split(sizes, dim=1)
+                    )
+                ],
+                dim=1,
+            )
+        return self._score_top_down(features, valid, level_shapes, sizes)
+
+    def _score_top_down(
+        self,
+        features: torch.Tensor,
+        valid: torch.Tensor,
+        level_shapes: Sequence[Tuple[int, int]],
+        sizes: Sequence[int],
+    ) -> torch.Tensor:
         batch = features.shape[0]
         level_features = features.split(sizes, dim=1)
-        level_valid = (~padding_mask).split(sizes, dim=1)
-
+        level_valid = valid.split(sizes, dim=1)
         logits: List[Optional[torch.Tensor]] = [None] * self.num_levels
         upper_map: Optional[torch.Tensor] = None
         for level in reversed(range(self.num_levels)):
-            height, width = shapes[level]
+            height, width = level_shapes[level]
             level_input = level_features[level]
             if upper_map is not None:
                 upsampled = F.interpolate(
@@ -149,7 +199,8 @@ class ForegroundTokenSelector(nn.Module):
                 )
                 alpha = self.alpha[self.num_levels - 2 - level]
                 level_input = level_input * (1.0 + alpha * upsampled.flatten(1).unsqueeze(-1))
-            level_logits = self.score_level(level_input, level_valid[level])
+            hidden = self.hidden_features(level_input)
+            level_logits = self.score_hidden(hidden, self.global_mean(hidden, level_valid[level]))
             logits[level] = level_logits
             # Padded logits are unsupervised, hence arbitrary: zero them (no modulation) so that
             # they cannot leak into the valid border of the finer level through interpolation.

@@ -1,7 +1,7 @@
 """FCOS-style binary foreground targets for the token selector, and its focal loss."""
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -9,6 +9,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 __all__ = [
     "REFERENCE_SIZE_RANGES",
+    "default_size_ranges",
     "overlapping_size_ranges",
     "validate_size_ranges",
     "compute_foreground_targets",
@@ -63,6 +64,17 @@ def validate_size_ranges(
     return [(float(lo), float(hi)) for lo, hi in ranges]
 
 
+def default_size_ranges(num_levels: int) -> List[Tuple[float, float]]:
+    """
+    The reference's (-1, 64], (64, 128], (128, 256], (256, inf) for 4 levels; for other level
+    counts level l covers up to ``64 * 2^l`` and the last level is unbounded.
+    """
+    if num_levels < 1:
+        raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+    bounds = [-1.0] + [64.0 * 2**level for level in range(num_levels - 1)] + [math.inf]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _validate_strides(strides: Sequence[int], num_levels: int) -> List[int]:
     strides = list(strides)
     if len(strides) != num_levels or any(int(s) != s or s <= 0 for s in strides):
@@ -79,81 +91,94 @@ def _level_targets(
     width: int,
     stride: int,
     size_range: Tuple[float, float],
-    box_chunk_size: int,
+    max_elements: int,
 ) -> torch.Tensor:
-    """(h * w,) bool: locations of one level positive for at least one of ``boxes`` (M, 4)."""
+    """
+    (B, h * w) bool: locations of one level positive for at least one box of their image.
+
+    Args:
+        boxes: (B, M, 4) absolute xyxy boxes; all-zero rows are padding (never positive: a
+            location is never strictly inside a zero-size box).
+    """
+    batch, num_boxes, _ = boxes.shape
     device = boxes.device
     centres_x = torch.arange(width, device=device, dtype=boxes.dtype) * stride + stride // 2
     centres_y = torch.arange(height, device=device, dtype=boxes.dtype) * stride + stride // 2
-    positive = torch.zeros(height, width, dtype=torch.bool, device=device)
+    positive = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
     lo, hi = size_range
-    for chunk in boxes.split(box_chunk_size):
-        # distances are separable in x and y: (m, w) and (m, h) instead of (m, h * w, 4)
-        left = centres_x[None, :] - chunk[:, 0:1]
-        right = chunk[:, 2:3] - centres_x[None, :]
-        top = centres_y[None, :] - chunk[:, 1:2]
-        bottom = chunk[:, 3:4] - centres_y[None, :]
+    # only (B, chunk, h, w) values exist at once
+    chunk = max(1, max_elements // max(1, batch * height * width))
+    for part in boxes.split(chunk, dim=1):
+        # distances are separable in x and y: (B, m, w) and (B, m, h) instead of (B, m, h*w, 4)
+        left = centres_x[None, None, :] - part[..., 0:1]
+        right = part[..., 2:3] - centres_x[None, None, :]
+        top = centres_y[None, None, :] - part[..., 1:2]
+        bottom = part[..., 3:4] - centres_y[None, None, :]
         min_x, max_x = torch.minimum(left, right), torch.maximum(left, right)
         min_y, max_y = torch.minimum(top, bottom), torch.maximum(top, bottom)
-        # (m, h, w): only this chunk's boxes are materialized at once
-        inside = torch.minimum(min_y[:, :, None], min_x[:, None, :]) > 0
-        extent = torch.maximum(max_y[:, :, None], max_x[:, None, :])
+        inside = torch.minimum(min_y[..., :, None], min_x[..., None, :]) > 0
+        extent = torch.maximum(max_y[..., :, None], max_x[..., None, :])
         in_range = (extent > lo) & (extent <= hi)
-        positive |= (inside & in_range).any(dim=0)
-    return positive.flatten()
+        positive |= (inside & in_range).any(dim=1)
+    return positive.flatten(1)
 
 
 @torch.no_grad()
 def compute_foreground_targets(
     boxes_xyxy: Sequence[torch.Tensor],
-    spatial_shapes: torch.Tensor,
+    level_shapes: Sequence[Tuple[int, int]],
     strides: Sequence[int],
     ranges: Sequence[Tuple[float, float]] = REFERENCE_SIZE_RANGES,
     *,
-    box_chunk_size: int = 32,
+    device: Optional[torch.device] = None,
+    max_elements: int = 1 << 22,
 ) -> torch.Tensor:
     """
     Binary FCOS-style targets. The location (i, j) of level l (stride s) sits at
     ``(j * s + s // 2, i * s + s // 2)`` of the padded input; it is positive for a box if it lies
     strictly inside it (``min(l, t, r, b) > 0``) and ``lo_l < max(l, t, r, b) <= hi_l``.
 
-    Memory stays bounded for crowded images: boxes are processed ``box_chunk_size`` at a time per
-    image and level, so the largest temporary holds ``box_chunk_size * h * w`` values.
+    All images of the batch are handled at once (boxes padded to the largest count); memory stays
+    bounded for crowded images because boxes are processed in chunks so that no temporary holds
+    more than about ``max_elements`` values.
 
     Args:
         boxes_xyxy: one (M_i, 4) tensor per image, absolute (x0, y0, x1, y1) in the resized input
             image; M_i may be 0.
-        spatial_shapes: (L, 2) int64 (h, w) of every level.
+        level_shapes: L pairs (h, w) of every level, finest first.
         strides: L positive integers, the input pixels per cell of every level.
         ranges: L pairs (lo, hi], finest level first; see :data:`REFERENCE_SIZE_RANGES` and
             :func:`overlapping_size_ranges`.
-        box_chunk_size: boxes handled at once.
+        device: where the targets are built (default: the boxes' device, else the CPU).
+        max_elements: bound of the largest temporary.
 
     Returns:
-        (B, N) float targets in {0, 1} on the device of ``spatial_shapes``, N = sum of h * w,
-        flattened level after level like the tokens.
+        (B, N) float targets in {0, 1}, N = sum of h * w, flattened level after level like the
+        tokens.
     """
-    num_levels = spatial_shapes.shape[0]
+    num_levels = len(level_shapes)
     ranges = validate_size_ranges(ranges, num_levels)
     strides = _validate_strides(strides, num_levels)
-    if box_chunk_size <= 0:
-        raise ValueError(f"box_chunk_size must be positive, got {box_chunk_size}")
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    num_tokens = sum(h * w for h, w in shapes)
-    device = spatial_shapes.device
-    targets = torch.zeros(len(boxes_xyxy), num_tokens, device=device)
+    if max_elements <= 0:
+        raise ValueError(f"max_elements must be positive, got {max_elements}")
     for image, boxes in enumerate(boxes_xyxy):
         if boxes.ndim != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"boxes of image {image} must have shape (M, 4), got {boxes.shape}")
-        if boxes.shape[0] == 0:
-            continue
-        boxes = boxes.to(device=device, dtype=torch.float32)
-        per_level = [
-            _level_targets(boxes, h, w, stride, size_range, box_chunk_size)
-            for (h, w), stride, size_range in zip(shapes, strides, ranges)
-        ]
-        targets[image] = torch.cat(per_level).float()
-    return targets
+    if device is None:
+        device = boxes_xyxy[0].device if len(boxes_xyxy) > 0 else torch.device("cpu")
+    num_tokens = sum(h * w for h, w in level_shapes)
+    batch = len(boxes_xyxy)
+    max_boxes = max((int(boxes.shape[0]) for boxes in boxes_xyxy), default=0)
+    if max_boxes == 0:
+        return torch.zeros(batch, num_tokens, device=device)
+    padded = torch.zeros(batch, max_boxes, 4, device=device)
+    for image, boxes in enumerate(boxes_xyxy):
+        padded[image, : boxes.shape[0]] = boxes.to(device=device, dtype=torch.float32)
+    per_level = [
+        _level_targets(padded, h, w, stride, size_range, max_elements)
+        for (h, w), stride, size_range in zip(level_shapes, strides, ranges)
+    ]
+    return torch.cat(per_level, dim=1).float()
 
 
 def foreground_loss(
@@ -199,23 +224,25 @@ class ForegroundLoss(nn.Module):
     def __init__(
         self,
         *,
-        strides: Sequence[int],
-        ranges: Sequence[Tuple[float, float]] = REFERENCE_SIZE_RANGES,
+        num_levels: int,
+        ranges: Optional[Sequence[Tuple[float, float]]] = None,
         alpha: float = 0.25,
         gamma: float = 2.0,
         weight: float = 1.5,
     ):
         """
         Args:
-            strides: input pixels per cell of every level (from the backbone/neck shapes).
-            ranges: one (lo, hi] object-size range per level, finest first.
+            num_levels: feature levels.
+            ranges: one (lo, hi] object-size range per level, finest first; default
+                :func:`default_size_ranges` (the reference ranges for 4 levels).
             alpha: focal loss positive-class weight.
             gamma: focal loss focusing exponent.
             weight: multiplies the loss (Focus-DETR: 1.5).
         """
         super().__init__()
-        self.strides = _validate_strides(strides, len(strides))
-        self.ranges = validate_size_ranges(ranges, len(self.strides))
+        if ranges is None:
+            ranges = default_size_ranges(num_levels)
+        self.ranges = validate_size_ranges(ranges, num_levels)
         if alpha < 0 or alpha > 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if gamma < 0:
@@ -226,24 +253,38 @@ class ForegroundLoss(nn.Module):
         self.gamma = gamma
         self.weight = weight
 
+    def targets(
+        self,
+        boxes_xyxy: Sequence[torch.Tensor],
+        level_shapes: Sequence[Tuple[int, int]],
+        strides: Sequence[int],
+        device: Optional[torch.device] = None,
+    ) -> torch.Tensor:
+        """(B, N) binary targets of :func:`compute_foreground_targets` with this loss's ranges."""
+        return compute_foreground_targets(
+            boxes_xyxy, level_shapes, strides, self.ranges, device=device
+        )
+
     def forward(
         self,
         foreground_logits: torch.Tensor,
         padding_mask: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        level_shapes: Sequence[Tuple[int, int]],
+        strides: Sequence[int],
         boxes_xyxy: Sequence[torch.Tensor],
     ) -> torch.Tensor:
         """
         Args:
-            foreground_logits: (B, N) raw logits (``EncoderOutput.foreground_logits``).
+            foreground_logits: (B, N) raw logits.
             padding_mask: (B, N) bool, True on padded tokens.
-            spatial_shapes: (L, 2) int64 (h, w) of every level.
+            level_shapes: L pairs (h, w) of every level.
+            strides: L input pixels per cell.
             boxes_xyxy: one (M_i, 4) tensor per image, absolute xyxy in the resized input.
 
         Returns:
             scalar, ``weight * foreground_loss``.
         """
-        targets = compute_foreground_targets(boxes_xyxy, spatial_shapes, self.strides, self.ranges)
+        targets = self.targets(boxes_xyxy, level_shapes, strides, foreground_logits.device)
         loss = foreground_loss(
             foreground_logits, targets, padding_mask, alpha=self.alpha, gamma=self.gamma
         )

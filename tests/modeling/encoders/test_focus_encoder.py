@@ -1,52 +1,34 @@
+import dataclasses
+
+import helpers
 import pytest
 import torch
 from torch import nn
 
-from focus_detr.modeling.encoder_layer import FocusEncoderLayer
-from focus_detr.modeling.encoder_output import EncoderOutput
-from focus_detr.modeling.focus_encoder import (
-    FocusEncoder,
-    compute_token_budgets,
-    fine_grained_scores,
-)
-from focus_detr.modeling.foreground_targets import foreground_loss
+from focus_detr.modeling.encoders.focus import FocusEncoder
+from focus_detr.modeling.encoders.focus_layer import FocusEncoderLayer
+from focus_detr.modeling.encoders.foreground_targets import foreground_loss
+from focus_detr.modeling.encoders.token_selection import compute_token_budgets, fine_grained_scores
+from focus_detr.modeling.structures import EncoderOutput
 
 C = 32
 FACTORS = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)
-SHAPES = [(8, 8), (4, 4)]  # N = 80
-# image 0 fills the grid (80 valid tokens); image 1 is 4 x 5 and 2 x 3 (26 valid tokens)
-VALID = [[(8, 8), (4, 4)], [(4, 5), (2, 3)]]
+SHAPES = [(8, 8), (4, 4)]  # N = 80, strides 8 and 16: a 64 x 64 padded input
+# image 0 fills the grid (80 valid tokens); image 1 (32 x 40) keeps 4 x 5 and 2 x 3 cells (26)
+IMAGE_SIZES = [(64, 64), (32, 40)]
 
 
-def make_inputs(shapes, valid_sizes, seed=0):
-    """Flattened encoder inputs for images with per-level valid (h, w) sizes."""
-    generator = torch.Generator().manual_seed(seed)
-    masks, references = [], []
-    for level, (h, w) in enumerate(shapes):
-        level_masks, level_refs = [], []
-        for sizes in valid_sizes:
-            vh, vw = sizes[level]
-            mask = torch.ones(h, w, dtype=torch.bool)
-            mask[:vh, :vw] = False
-            level_masks.append(mask.flatten())
-            ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-            # normalized by the valid size, then mapped to every level's padded grid
-            point = torch.stack([xs.flatten() / vw, ys.flatten() / vh], -1)
-            ratios = torch.tensor([[sz[1] / hw[1], sz[0] / hw[0]] for sz, hw in zip(sizes, shapes)])
-            level_refs.append(point[:, None, :] * ratios[None])
-        masks.append(torch.stack(level_masks))
-        references.append(torch.stack(level_refs))
-    spatial_shapes = torch.tensor(shapes)
-    sizes = spatial_shapes.prod(1)
-    batch, num_tokens = len(valid_sizes), int(sizes.sum())
-    return dict(
-        tokens=torch.randn(batch, num_tokens, C, generator=generator),
-        token_pos=torch.randn(batch, num_tokens, C, generator=generator),
-        padding_mask=torch.cat(masks, 1),
-        spatial_shapes=spatial_shapes,
-        level_start_index=torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]]),
-        valid_ratios=torch.ones(batch, len(shapes), 2),
-        reference_points=torch.cat(references, 1),
+def make_features(shapes=SHAPES, image_sizes=IMAGE_SIZES, seed=0):
+    return helpers.make_features(
+        shapes, batch=len(image_sizes), channels=C, image_sizes=image_sizes, seed=seed
+    )
+
+
+def select_images(features, images):
+    """The features of some images of a batch (the level geometry is shared)."""
+    batched = ("tokens", "pos", "padding_mask", "valid_ratios", "proposals", "proposal_valid")
+    return dataclasses.replace(
+        features, **{name: getattr(features, name)[images] for name in batched}
     )
 
 
@@ -57,8 +39,8 @@ def make_encoder(num_levels=2, **kwargs):
         embed_dim=C, num_heads=4, num_levels=num_levels, num_points=2, ffn_dim=64, **kwargs
     )
     heads = dict(
-        token_projection=nn.Sequential(nn.Linear(C, C), nn.LayerNorm(C)),
-        category_head=nn.Linear(C, 5),
+        memory_projection=nn.Sequential(nn.Linear(C, C), nn.LayerNorm(C)),
+        class_head=nn.Linear(C, 5),
     )
     return encoder, heads
 
@@ -79,10 +61,10 @@ def test_budgets_exact():
 
 def test_cascade_budgets_and_writes_on_two_images():
     encoder, heads = make_encoder()
-    inputs = make_inputs(SHAPES, VALID)
-    output = encoder(**inputs, **heads)
+    features = make_features()
+    output = encoder(features, heads)
     assert isinstance(output, EncoderOutput)
-    assert output.memory.shape == (2, 80, C) and output.foreground_logits.shape == (2, 80)
+    assert output.memory.shape == (2, 80, C) and output.token_scores.shape == (2, 80)
     assert [i.shape for i in output.layer_indices] == [(2, k) for k in (41, 32, 24, 24, 16, 8)]
     assert all(i.dtype == torch.int64 for i in output.layer_indices)
     written = torch.stack([valid.sum(1) for valid in output.layer_valid], 1)
@@ -91,42 +73,40 @@ def test_cascade_budgets_and_writes_on_two_images():
     for indices, valid, budget in zip(output.layer_indices, output.layer_valid, written.T):
         positions = torch.arange(indices.shape[1])[None]
         assert torch.equal(valid, positions < budget[:, None])
-        assert not inputs["padding_mask"].gather(1, indices)[valid].any()
+        assert not features.padding_mask.gather(1, indices)[valid].any()
+    assert output.tokens_updated(features.padding_mask).tolist() == written.T.tolist()
     # exactly the first-layer prefixes change; padded and unselected tokens keep their input
-    changed = (output.memory != inputs["tokens"]).any(-1)
+    changed = (output.memory != features.tokens).any(-1)
     for image, count in enumerate((41, 14)):
         expected = set(output.layer_indices[0][image, :count].tolist())
         assert set(changed[image].nonzero().flatten().tolist()) == expected
-    assert not changed[inputs["padding_mask"]].any()
+    assert not changed[features.padding_mask].any()
+    assert torch.equal(output.updated_mask(0, features.padding_mask), changed)
 
 
 def test_index_sets_are_nested_and_follow_the_foreground_ranking():
     encoder, heads = make_encoder()
-    inputs = make_inputs(SHAPES, VALID)
-    output = encoder(**inputs, **heads)
+    features = make_features()
+    output = encoder(features, heads)
     first = output.layer_indices[0]
     for indices in output.layer_indices:
         assert torch.equal(indices, first[:, : indices.shape[1]])
-    logits = output.foreground_logits.detach()
+    logits = output.token_scores.detach()
     for image, count in enumerate((41, 14)):
-        valid_logits = logits[image].masked_fill(inputs["padding_mask"][image], float("-inf"))
+        valid_logits = logits[image].masked_fill(features.padding_mask[image], float("-inf"))
         best = set(valid_logits.topk(count).indices.tolist())
         assert set(first[image, :count].tolist()) == best
     # padding holds the smallest valid logit, valid entries are the selector's logits
-    padding = inputs["padding_mask"]
+    padding = features.padding_mask
     assert torch.equal(logits[padding], torch.full_like(logits[padding], logits[~padding].min()))
 
 
 def test_image_encoded_the_same_alone_or_in_a_batch():
-    encoder, heads = make_encoder(topk_sa=5)
-    inputs = make_inputs(SHAPES, VALID)
-    batched = encoder(**inputs, **heads)
-    alone_inputs = {
-        k: v[1:] if k not in ("spatial_shapes", "level_start_index") else v
-        for k, v in inputs.items()
-    }
-    alone = encoder(**alone_inputs, **heads)
-    valid = ~inputs["padding_mask"][1]
+    encoder, heads = make_encoder(topk_sa=5, selector_input_mask="padding")
+    features = make_features()
+    batched = encoder(features, heads)
+    alone = encoder(select_images(features, slice(1, 2)), heads)
+    valid = ~features.padding_mask[1]
     torch.testing.assert_close(alone.memory[0][valid], batched.memory[1][valid])
     assert [v.sum().item() for v in alone.layer_valid] == [
         v[1].sum().item() for v in batched.layer_valid
@@ -138,8 +118,8 @@ def test_topk_sa_is_clamped_on_a_tiny_image():
     seen = []
     for layer in encoder.layers:
         layer.self_attn.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
-    inputs = make_inputs([(2, 3), (1, 2)], [[(2, 3), (1, 2)]])  # 8 tokens
-    output = encoder(**inputs, **heads)
+    features = make_features([(2, 3), (1, 2)], [(16, 24)])  # 8 tokens
+    output = encoder(features, heads)
     assert torch.isfinite(output.memory).all()
     assert seen == [k.shape[1] for k in output.layer_indices] == [5, 4, 3, 3, 2, 1]
 
@@ -173,56 +153,55 @@ def test_score_products():
     with pytest.raises(ValueError, match="'sum'"):
         fine_grained_scores(class_logits, fts, "sum")
     encoder, heads = make_encoder(score_product="logit", layer_keep_factors=(1.0, 0.5))
-    assert torch.isfinite(encoder(**make_inputs(SHAPES, VALID), **heads).memory).all()
+    assert torch.isfinite(encoder(make_features(), heads).memory).all()
 
 
 @pytest.mark.parametrize("project, calls", [(True, 3), (False, 1)])
 def test_category_head_input_projection(project, calls):
     encoder, heads = make_encoder(layer_keep_factors=(1.0, 0.5), project_category_input=project)
     count = []
-    heads["token_projection"].register_forward_hook(lambda *args: count.append(1))
-    encoder(**make_inputs(SHAPES, VALID), **heads)
+    heads["memory_projection"].register_forward_hook(lambda *args: count.append(1))
+    encoder(make_features(), heads)
     assert len(count) == calls  # the selector input, then once per layer if projected
 
 
 def test_gradients():
     encoder, heads = make_encoder(layer_keep_factors=(1.0, 0.5))
-    inputs = make_inputs(SHAPES, VALID)
-    inputs["tokens"].requires_grad_(True)
-    output = encoder(**inputs, **heads)
+    features = make_features()
+    features.tokens.requires_grad_(True)
+    output = encoder(features, heads)
     output.memory.square().sum().backward(retain_graph=True)
-    assert inputs["tokens"].grad.abs().sum() > 0
+    assert features.tokens.grad.abs().sum() > 0
     for name, parameter in encoder.layers.named_parameters():
         assert parameter.grad is not None, name
     # selection carries no gradient: the selector and the category head are untouched
     assert all(p.grad is None for p in encoder.selector.parameters())
-    assert all(p.grad is None for p in heads["category_head"].parameters())
+    assert all(p.grad is None for p in heads["class_head"].parameters())
     targets = (torch.rand(2, 80) > 0.8).float()
-    foreground_loss(output.foreground_logits, targets, inputs["padding_mask"]).backward()
+    foreground_loss(output.token_scores, targets, features.padding_mask).backward()
     for name, parameter in encoder.selector.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-    assert heads["token_projection"][0].weight.grad is not None
+    assert heads["memory_projection"][0].weight.grad is not None
 
 
 @pytest.mark.parametrize("num_levels", [1, 3, 4, 5])
 def test_shapes_for_any_number_of_levels(num_levels):
     shapes = [(9, 7), (5, 4), (3, 2), (2, 1), (1, 1)][:num_levels]
-    valid = [shapes, [(max(1, h - 1), max(1, w - 1)) for h, w in shapes]]
     encoder, heads = make_encoder(num_levels=num_levels, layer_keep_factors=(1.0, 0.5))
-    inputs = make_inputs(shapes, valid)
-    output = encoder(**inputs, **heads)
+    features = make_features(shapes, [(72, 56), (60, 41)])
+    output = encoder(features, heads)
     num_tokens = sum(h * w for h, w in shapes)
     assert output.memory.shape == (2, num_tokens, C)
-    assert output.foreground_logits.shape == (2, num_tokens)
+    assert output.token_scores.shape == (2, num_tokens)
     assert torch.isfinite(output.memory).all()
 
 
 def test_value_source_updated():
-    inputs = make_inputs(SHAPES, VALID)
+    features = make_features()
     outputs = []
     for source in ("initial", "updated"):
         encoder, heads = make_encoder(layer_keep_factors=(1.0, 1.0), value_source=source)
-        outputs.append(encoder(**inputs, **heads).memory)
+        outputs.append(encoder(features, heads).memory)
     assert not torch.allclose(outputs[0], outputs[1])
 
 
@@ -236,6 +215,8 @@ def test_value_source_updated():
         ({"topk_sa": 0}, "topk_sa.*0"),
         ({"score_product": "sum"}, "'sum'"),
         ({"value_source": "memory"}, "'memory'"),
+        ({"selector_input_mask": "none"}, "'none'"),
+        ({"foreground_ranges": [(-1, 64)]}, "one size range per level"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
@@ -243,9 +224,61 @@ def test_invalid_arguments(kwargs, message):
         FocusEncoder(embed_dim=C, num_heads=4, num_layers=6, **kwargs)
 
 
-def test_mismatched_inputs():
+def test_keep_ratio_can_change_after_construction():
     encoder, heads = make_encoder()
-    inputs = make_inputs(SHAPES, VALID)
-    inputs["reference_points"] = inputs["reference_points"][:, :, :1]
-    with pytest.raises(ValueError, match="reference_points"):
-        encoder(**inputs, **heads)
+    features = make_features()
+    full = encoder(features, heads)
+    encoder.keep_ratio = 0.25
+    fewer = encoder(features, heads)
+    assert (
+        fewer.tokens_updated(features.padding_mask).sum()
+        < full.tokens_updated(features.padding_mask).sum()
+    )
+    for bad in (0.0, 1.01, -0.5, "0.5", True):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            encoder.keep_ratio = bad
+    assert encoder.keep_ratio == 0.25
+
+
+def test_selector_input_zeroes_the_invalid_proposal_ring():
+    """
+    Hand-worked on a 2-level grid without padding: level 0 is 2 x 60 cells, so the first and
+    last column have proposal centres 0.5 / 60 < 0.01 and 59.5 / 60 > 0.99 (invalid); level 1
+    (1 x 30) is inside (0.01, 0.99). With the reference behaviour ("proposals") exactly those
+    four tokens enter the selector's projection as zeros; with "padding" none does.
+    """
+    features = make_features([(2, 60), (1, 30)], [(16, 480)])
+    assert not features.padding_mask.any()
+    ring = sorted((~features.proposal_valid[0]).nonzero().flatten().tolist())
+    assert ring == [0, 59, 60, 119]
+    for mask, expected_zero in (("proposals", ring), ("padding", [])):
+        encoder, heads = make_encoder(layer_keep_factors=(1.0, 0.5), selector_input_mask=mask)
+        seen = []
+        heads["memory_projection"].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        encoder(features, heads)
+        zero_rows = (seen[0][0] == 0).all(-1).nonzero().flatten().tolist()
+        assert zero_rows == expected_zero, mask
+
+
+def test_loss_is_the_weighted_foreground_loss():
+    from focus_detr.modeling.encoders.base import EncoderLossInputs
+
+    encoder, heads = make_encoder(layer_keep_factors=(1.0, 0.5))
+    features = make_features()
+    output = encoder(features, heads)
+    boxes = [torch.tensor([[0.0, 0.0, 30.0, 30.0]]), torch.zeros(0, 4)]
+    targets = [{"boxes_xyxy": b} for b in boxes]
+    losses = encoder.losses(output, EncoderLossInputs(features, targets, criterion=None))
+    expected = 1.5 * foreground_loss(
+        output.token_scores,
+        encoder.foreground_loss.targets(boxes, features.level_shapes, features.strides),
+        features.padding_mask,
+    )
+    assert list(losses) == ["loss_foreground"]
+    torch.testing.assert_close(losses["loss_foreground"], expected)
+
+
+def test_mismatched_inputs():
+    encoder, heads = make_encoder(num_levels=3)
+    with pytest.raises(ValueError, match="num_levels=3"):
+        encoder(make_features(), heads)

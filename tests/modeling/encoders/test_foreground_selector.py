@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from focus_detr.modeling.foreground_selector import ForegroundTokenSelector
+from focus_detr.modeling.encoders.foreground_selector import ForegroundTokenSelector
 
 C = 16
 ODD_SHAPES = [(9, 7), (5, 4), (3, 2), (2, 1), (1, 1)]
@@ -29,7 +29,7 @@ def test_shapes_and_alpha(num_levels):
     num_tokens = sum(h * w for h, w in shapes)
     features = torch.randn(2, num_tokens, C)
     mask = torch.zeros(2, num_tokens, dtype=torch.bool)
-    logits = selector(features, mask, torch.tensor(shapes))
+    logits = selector(features, mask, shapes)
     assert logits.shape == (2, num_tokens)
     assert torch.isfinite(logits).all()
     assert selector.alpha.shape == (num_levels - 1,)
@@ -50,7 +50,7 @@ def test_top_down_modulation_by_hand():
         selector.alpha.fill_(0.7)
     features = torch.randn(1, 30, C)
     valid = torch.ones(1, 30, dtype=torch.bool)
-    logits = selector(features, ~valid, torch.tensor(shapes))
+    logits = selector(features, ~valid, shapes)
 
     top = selector.score_level(features[:, 24:], valid[:, 24:])
     upsampled = F.interpolate(
@@ -63,11 +63,11 @@ def test_top_down_modulation_by_hand():
     # top-down only: fine features never change coarse scores; alpha = 0 removes the modulation
     changed = features.clone()
     changed[:, :24] += 1.0
-    torch.testing.assert_close(selector(changed, ~valid, torch.tensor(shapes))[:, 24:], top)
+    torch.testing.assert_close(selector(changed, ~valid, shapes)[:, 24:], top)
     with torch.no_grad():
         selector.alpha.zero_()
     plain = selector.score_level(features[:, :24], valid[:, :24])
-    torch.testing.assert_close(selector(features, ~valid, torch.tensor(shapes))[:, :24], plain)
+    torch.testing.assert_close(selector(features, ~valid, shapes)[:, :24], plain)
 
 
 def test_global_mean_ignores_padding_and_batch():
@@ -76,15 +76,15 @@ def test_global_mean_ignores_padding_and_batch():
     selector = ForegroundTokenSelector(embed_dim=C, num_levels=2)
     mask = padding_mask(shapes, [[(6, 5), (3, 3)], [(4, 3), (2, 2)]])
     features = torch.randn(2, 39, C)
-    logits = selector(features, mask, torch.tensor(shapes))
+    logits = selector(features, mask, shapes)
 
     # padded features, however wild, never reach valid scores (masked mean, zeroed upsampling)
     noisy = torch.where(mask[..., None], 100 * torch.randn_like(features), features)
-    noisy_logits = selector(noisy, mask, torch.tensor(shapes))
+    noisy_logits = selector(noisy, mask, shapes)
     torch.testing.assert_close(noisy_logits[~mask], logits[~mask])
 
     # an image is scored the same alone or next to a larger image
-    alone = selector(features[1:], mask[1:], torch.tensor(shapes))
+    alone = selector(features[1:], mask[1:], shapes)
     torch.testing.assert_close(alone[~mask[1:]], logits[1][~mask[1]])
 
 
@@ -93,7 +93,7 @@ def test_gradients_reach_parameters_and_inputs():
     shapes = [(4, 4), (2, 2), (1, 1)]
     selector = ForegroundTokenSelector(embed_dim=C, num_levels=3)
     features = torch.randn(2, 21, C, requires_grad=True)
-    logits = selector(features, torch.zeros(2, 21, dtype=torch.bool), torch.tensor(shapes))
+    logits = selector(features, torch.zeros(2, 21, dtype=torch.bool), shapes)
     logits.square().sum().backward()
     assert features.grad.abs().sum() > 0
     for name, parameter in selector.named_parameters():
@@ -116,11 +116,35 @@ def test_invalid_arguments(kwargs, message):
 
 def test_mismatched_inputs():
     selector = ForegroundTokenSelector(embed_dim=C, num_levels=2)
-    with pytest.raises(ValueError, match="spatial_shapes"):
-        selector(torch.randn(1, 5, C), torch.zeros(1, 5, dtype=torch.bool), torch.tensor([[2, 2]]))
+    with pytest.raises(ValueError, match="expected 2 level shapes"):
+        selector(torch.randn(1, 5, C), torch.zeros(1, 5, dtype=torch.bool), [(2, 2)])
     with pytest.raises(ValueError, match="do not match"):
-        selector(
-            torch.randn(1, 6, C),
-            torch.zeros(1, 6, dtype=torch.bool),
-            torch.tensor([[2, 2], [1, 1]]),
-        )
+        selector(torch.randn(1, 6, C), torch.zeros(1, 6, dtype=torch.bool), [(2, 2), (1, 1)])
+
+
+def test_without_top_down_every_level_is_scored_alone():
+    """Sparse DETR's scoring network: no modulation, context per level or per image."""
+    torch.manual_seed(0)
+    shapes = [(4, 6), (2, 3)]
+    features = torch.randn(1, 30, C)
+    valid = torch.ones(1, 30, dtype=torch.bool)
+    per_level = ForegroundTokenSelector(embed_dim=C, num_levels=2, top_down=False)
+    assert per_level.alpha is None
+    logits = per_level(features, ~valid, shapes)
+    expected = torch.cat(
+        [
+            per_level.score_level(features[:, :24], valid[:, :24]),
+            per_level.score_level(features[:, 24:], valid[:, 24:]),
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(logits, expected)
+
+    per_image = ForegroundTokenSelector(
+        embed_dim=C, num_levels=2, top_down=False, global_context="image"
+    )
+    torch.testing.assert_close(
+        per_image(features, ~valid, shapes), per_image.score_level(features, valid)
+    )
+    with pytest.raises(ValueError, match="global_context"):
+        ForegroundTokenSelector(embed_dim=C, num_levels=2, global_context="image")

@@ -1,0 +1,277 @@
+"""The Focus-DETR encoder: foreground token selection and cascade token sparsification."""
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..multi_scale import encoder_reference_points
+from ..structures import EncoderOutput, FlattenedFeatures
+from .base import DETREncoder, EncoderLossInputs
+from .focus_layer import FocusEncoderLayer
+from .foreground_selector import ForegroundTokenSelector
+from .foreground_targets import ForegroundLoss
+from .token_selection import (
+    SCORE_PRODUCTS,
+    check_keep_ratio,
+    compute_token_budgets,
+    fine_grained_scores,
+)
+
+__all__ = ["FocusEncoder"]
+
+_VALUE_SOURCES = ("initial", "updated")
+_SELECTOR_MASKS = ("proposals", "padding")
+
+
+class FocusEncoder(DETREncoder):
+    """
+    Focus-DETR's encoder. Scores all tokens once with the :class:`ForegroundTokenSelector`, then
+    lets every layer update a nested prefix of the score ranking (``layer_keep_factors`` of the
+    image's foreground budget ``keep_ratio``); inside a layer the ``topk_sa`` tokens with the
+    best fine-grained score (multi-category score x foreground score) first attend to each other
+    (dual attention). Tokens never selected keep their input value; padded tokens are never
+    written. Its loss is the selector's focal loss on FCOS-style foreground targets.
+
+    Shared heads: ``memory_projection`` (the two-stage ``Linear + LayerNorm``, which projects
+    the selector's input) and ``class_head`` (the two-stage class head, the multi-category score
+    predictor). The keep ratio may be changed after training (``encoder.keep_ratio = 0.3``).
+    """
+
+    shared_heads = ("memory_projection", "class_head")
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 256,
+        num_layers: int = 6,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+        keep_ratio: float = 0.5,
+        layer_keep_factors: Sequence[float] = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2),
+        topk_sa: int = 300,
+        score_product: str = "logit",
+        project_category_input: bool = False,
+        selector_input_mask: str = "proposals",
+        value_source: str = "initial",
+        selector_hidden_dim: Optional[int] = None,
+        selector_head_dims: Optional[Sequence[int]] = None,
+        selector_alpha_init_range: float = 0.3,
+        foreground_ranges: Optional[Sequence[Tuple[float, float]]] = None,
+        foreground_loss_weight: float = 1.5,
+        foreground_focal_alpha: float = 0.25,
+        foreground_focal_gamma: float = 2.0,
+    ):
+        """
+        Args:
+            embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout, topk_sa: see
+                :class:`FocusEncoderLayer`.
+            num_layers: encoder layers.
+            keep_ratio: rho in (0, 1], the fraction of an image's valid tokens in its foreground
+                budget (reference 0.5).
+            layer_keep_factors: per layer, the fraction of the budget the layer updates, in
+                (0, 1] (reference 1.0, 0.8, 0.6, 0.6, 0.4, 0.2).
+            score_product: how the dual attention ranks tokens: "logit" (reference: product of
+                the raw class and foreground logits) or "probability" (product of sigmoids), see
+                :func:`fine_grained_scores`.
+            project_category_input: False (reference): the class head scores the raw tokens;
+                True: the tokens after ``memory_projection``, the input the head is trained on.
+            selector_input_mask: "proposals" (reference): tokens whose two-stage proposal is
+                invalid (padding and the outer ring of the fine levels) are zeroed before the
+                selector's projection; "padding": only padded tokens are.
+            value_source: "initial" (reference): every layer's deformable value is the input
+                tokens (padding zeroed); "updated": the current memory (Sparse DETR's choice).
+            selector_hidden_dim, selector_head_dims, selector_alpha_init_range: see
+                :class:`ForegroundTokenSelector`.
+            foreground_ranges: per level (lo, hi] of the box's max distance to a location for
+                the foreground targets; default: the reference ranges (see
+                ``default_size_ranges``).
+            foreground_loss_weight: weight of the selector's loss (reference 1.5).
+            foreground_focal_alpha, foreground_focal_gamma: its focal loss parameters.
+        """
+        super().__init__()
+        if num_layers <= 0:
+            raise ValueError(f"num_layers must be positive, got {num_layers}")
+        layer_keep_factors = tuple(float(factor) for factor in layer_keep_factors)
+        if len(layer_keep_factors) != num_layers:
+            raise ValueError(
+                f"need one layer_keep_factor per layer ({num_layers}), got {layer_keep_factors}"
+            )
+        if any(not 0.0 < factor <= 1.0 for factor in layer_keep_factors):
+            raise ValueError(f"layer_keep_factors must be in (0, 1], got {layer_keep_factors}")
+        if topk_sa <= 0:
+            raise ValueError(f"topk_sa must be positive, got {topk_sa}")
+        for name, value, allowed in (
+            ("score_product", score_product, SCORE_PRODUCTS),
+            ("value_source", value_source, _VALUE_SOURCES),
+            ("selector_input_mask", selector_input_mask, _SELECTOR_MASKS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.num_levels = num_levels
+        self.keep_ratio = keep_ratio
+        self.layer_keep_factors = layer_keep_factors
+        self.score_product = score_product
+        self.project_category_input = project_category_input
+        self.selector_input_mask = selector_input_mask
+        self.value_source = value_source
+
+        self.selector = ForegroundTokenSelector(
+            embed_dim=embed_dim,
+            num_levels=num_levels,
+            hidden_dim=selector_hidden_dim,
+            head_dims=selector_head_dims,
+            alpha_init_range=selector_alpha_init_range,
+        )
+        self.layers = nn.ModuleList(
+            FocusEncoderLayer(
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                num_levels=num_levels,
+                num_points=num_points,
+                ffn_dim=ffn_dim,
+                dropout=dropout,
+                topk_sa=topk_sa,
+            )
+            for _ in range(num_layers)
+        )
+        self.foreground_loss = ForegroundLoss(
+            num_levels=num_levels,
+            ranges=foreground_ranges,
+            alpha=foreground_focal_alpha,
+            gamma=foreground_focal_gamma,
+            weight=foreground_loss_weight,
+        )
+
+    @property
+    def keep_ratio(self) -> float:
+        """rho: the fraction of an image's valid tokens the first layer updates."""
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        self._keep_ratio = check_keep_ratio(value)
+
+    def score_tokens(
+        self, features: FlattenedFeatures, token_projection: nn.Module
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Returns:
+            ``(logits, foreground_logits)``: (B, N) raw selector logits with gradient, and the
+            same with padded tokens filled with the smallest valid logit (detached fill).
+        """
+        padding_mask = features.padding_mask
+        if self.selector_input_mask == "proposals":
+            zeroed = ~features.proposal_valid
+        else:
+            zeroed = padding_mask
+        selector_input = token_projection(
+            (features.tokens + features.pos).masked_fill(zeroed.unsqueeze(-1), 0.0)
+        )
+        logits = self.selector(selector_input, padding_mask, features.level_shapes)
+        smallest = logits.detach().masked_fill(padding_mask, float("inf")).min()
+        smallest = torch.where(smallest.isfinite(), smallest, torch.zeros_like(smallest))
+        return logits, torch.where(padding_mask, smallest, logits)
+
+    def forward(
+        self, features: FlattenedFeatures, shared_heads: Mapping[str, nn.Module]
+    ) -> EncoderOutput:
+        """
+        Args:
+            features: flattened tokens and geometry.
+            shared_heads: ``memory_projection`` and ``class_head`` of the query selection; the
+                selection never trains them (no gradient flows through a ranking).
+
+        Returns:
+            :class:`EncoderOutput` with ``memory`` (B, N, C), ``token_scores`` (B, N) foreground
+            logits, ``layer_indices`` and ``layer_valid`` (B, k_l) per layer.
+        """
+        self.check_features(features)
+        token_projection = shared_heads["memory_projection"]
+        category_head = shared_heads["class_head"]
+        tokens, token_pos, padding_mask = features.tokens, features.pos, features.padding_mask
+        batch, num_tokens, channels = tokens.shape
+        logits, foreground_logits = self.score_tokens(features, token_projection)
+
+        # one ranking for all layers: nested index sets, no gradient through the selection;
+        # -inf puts every padded token after every valid one, even on ties with the minimum
+        ranking = logits.detach().masked_fill(padding_mask, float("-inf"))
+        layer_sizes, budgets = compute_token_budgets(
+            (~padding_mask).sum(dim=1), self.keep_ratio, self.layer_keep_factors
+        )
+        order = ranking.topk(min(max(layer_sizes), num_tokens), dim=1).indices
+
+        initial_value = tokens.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        flat_reference = encoder_reference_points(features).flatten(2)
+        arange = torch.arange(order.shape[1], device=tokens.device)
+        memory = tokens
+        layer_indices: List[Optional[torch.Tensor]] = []
+        layer_valid: List[Optional[torch.Tensor]] = []
+        for layer, size, budget in zip(self.layers, layer_sizes, budgets):
+            indices = order[:, : min(size, num_tokens)]
+            num_selected = indices.shape[1]
+            valid = arange[None, :num_selected] < budget[:, None]
+            valid &= ~padding_mask.gather(1, indices)  # guard only: the -inf ranking ensures it
+            token_index = indices.unsqueeze(-1).expand(-1, -1, channels)
+            query = memory.gather(1, token_index)
+            query_pos = token_pos.gather(1, token_index)
+            query_reference = flat_reference.gather(
+                1, indices.unsqueeze(-1).expand(-1, -1, flat_reference.shape[-1])
+            ).view(batch, num_selected, self.num_levels, 2)
+            with torch.no_grad():
+                category_input = token_projection(query) if self.project_category_input else query
+                scores = fine_grained_scores(
+                    category_head(category_input),
+                    logits.detach().gather(1, indices),
+                    self.score_product,
+                )
+            value = initial_value if self.value_source == "initial" else memory
+            updated = layer(
+                query,
+                query_pos,
+                query_reference,
+                value,
+                padding_mask,
+                features.spatial_shapes,
+                features.level_start_index,
+                scores,
+                valid,
+            )
+            # tokens beyond the image's budget are written back unchanged: one batched scatter
+            updated = torch.where(valid.unsqueeze(-1), updated, query)
+            memory = memory.scatter(1, token_index, updated)
+            layer_indices.append(indices)
+            layer_valid.append(valid)
+        return EncoderOutput(
+            memory=memory,
+            layer_indices=layer_indices,
+            layer_valid=layer_valid,
+            token_scores=foreground_logits,
+        )
+
+    def losses(self, output: EncoderOutput, inputs: EncoderLossInputs) -> Dict[str, torch.Tensor]:
+        """``loss_foreground``: the weighted focal loss of the foreground token selector."""
+        features = inputs.features
+        return {
+            "loss_foreground": self.foreground_loss(
+                output.token_scores,
+                features.padding_mask,
+                features.level_shapes,
+                features.strides,
+                [target["boxes_xyxy"] for target in inputs.targets],
+            )
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"keep_ratio={self.keep_ratio}, layer_keep_factors={self.layer_keep_factors}, "
+            f"score_product={self.score_product!r}, "
+            f"project_category_input={self.project_category_input}, "
+            f"selector_input_mask={self.selector_input_mask!r}, "
+            f"value_source={self.value_source!r}"
+        )

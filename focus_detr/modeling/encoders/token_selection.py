@@ -1,0 +1,73 @@
+"""Token budgets and rankings shared by the encoders that update a subset of the tokens."""
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+__all__ = ["SCORE_PRODUCTS", "check_keep_ratio", "compute_token_budgets", "fine_grained_scores"]
+
+SCORE_PRODUCTS = ("probability", "logit")
+
+
+def check_keep_ratio(keep_ratio: float) -> float:
+    """``keep_ratio`` as a float if it lies in (0, 1], else a ValueError naming it."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    return float(keep_ratio)
+
+
+def compute_token_budgets(
+    num_valid: torch.Tensor, keep_ratio: float, layer_keep_factors: Sequence[float]
+) -> Tuple[List[int], torch.Tensor]:
+    """
+    How many tokens every layer gathers, and how many of them each image may write.
+
+    Per image ``n_i = floor(keep_ratio * valid_i) + 1`` clamped to ``valid_i``, ``K = max_i n_i``.
+    Layer l gathers ``k_l = max(1, floor(c_l * K))`` tokens per image (a rectangular batch) and
+    image i writes its first ``b_il = min(n_i, max(1, floor(c_l * n_i)))`` of them: the cascade
+    factor applies to every image's own budget, so an image is encoded exactly as it would be
+    alone, whatever the other images of its batch. (The reference writes ``min(k_l, n_i)``: a
+    small image next to a large one keeps its whole budget in every layer.)
+
+    Args:
+        num_valid: (B,) int64 valid (non-padded) tokens per image.
+        keep_ratio: rho in (0, 1].
+        layer_keep_factors: c_l in (0, 1], one per layer.
+
+    Returns:
+        ``(layer_sizes, budgets)``: k_l per layer (python ints), and (num_layers, B) int64 b_il.
+    """
+    num_valid = num_valid.long()
+    focus = (torch.floor(num_valid.double() * keep_ratio).long() + 1).minimum(num_valid)
+    max_focus = max(int(focus.max()), 1) if focus.numel() > 0 else 1
+    layer_sizes = [max(1, int(factor * max_focus)) for factor in layer_keep_factors]
+    budgets = [
+        torch.floor(focus.double() * factor).long().clamp(min=1).minimum(focus)
+        for factor in layer_keep_factors
+    ]
+    return layer_sizes, torch.stack(budgets)
+
+
+def fine_grained_scores(
+    class_logits: torch.Tensor, foreground_logits: torch.Tensor, mode: str = "probability"
+) -> torch.Tensor:
+    """
+    The multi-category score times the foreground score, for ranking only.
+
+    Args:
+        class_logits: (B, k, K) class logits of the tokens.
+        foreground_logits: (B, k) FTS logits of the tokens.
+        mode: "probability": ``max_c sigmoid(class_c) * sigmoid(fts)``; "logit": the reference's
+            ``max_c class_c * fts`` on raw logits, where two negative logits rank high.
+
+    Returns:
+        (B, k) scores.
+    """
+    best_class = class_logits.max(dim=-1).values
+    if mode == "probability":
+        return best_class.sigmoid() * foreground_logits.sigmoid()
+    if mode == "logit":
+        return best_class * foreground_logits
+    raise ValueError(f"mode must be one of {SCORE_PRODUCTS}, got {mode!r}")

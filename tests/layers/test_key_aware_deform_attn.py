@@ -135,3 +135,16 @@ def test_functional_form_checks_shapes():
         key_aware_deformable_attention(query[..., :2], key, key, shapes, starts, locations)
     output, weights = key_aware_deformable_attention(query, key, key, shapes, starts, locations)
     assert output.shape == (1, 2, HEADS * HEAD_DIM) and weights.shape == locations.shape[:-1]
+
+
+def test_under_autocast():
+    module, inputs = _problem(2)
+    module = module.float()
+    inputs = [t.detach().float() if t.is_floating_point() else t for t in inputs]
+    expected = module(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = module(*inputs)
+    assert output.dtype == torch.bfloat16  # output_proj runs in bfloat16
+    torch.testing.assert_close(output.float(), expected, rtol=5e-2, atol=5e-2)
+    output.float().sum().backward()
+    assert all(p.grad is not None for p in module.parameters())

@@ -32,13 +32,9 @@ DEVICES = [
 ]
 
 
-@pytest.fixture
-def compiled(request):
-    def check(device: str) -> None:
-        if not compiled_kernel_available(device):
-            pytest.skip(f"focus_detr._C has no {device} kernels here")
-
-    return check
+def _require_kernels(device: str) -> None:
+    if not compiled_kernel_available(device):
+        pytest.skip(f"focus_detr._C is not loaded or has no {device} kernels")
 
 
 def _poison_locations(locations: torch.Tensor, number: float) -> torch.Tensor:
@@ -104,8 +100,8 @@ def test_reference_ignores_samples_at_non_finite_locations(msda_inputs, name):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", sorted(LOCATIONS))
-def test_kernel_non_finite_locations(compiled, msda_inputs, device, dtype, name):
-    compiled(device)
+def test_kernel_non_finite_locations(msda_inputs, device, dtype, name):
+    _require_kernels(device)
     value, shapes, starts, locations, weights = msda_inputs(dtype=dtype, device=device)
     inputs = (value, shapes, starts, _poison_locations(locations, LOCATIONS[name]), weights)
     grad_output = _grad_output(inputs)
@@ -116,9 +112,9 @@ def test_kernel_non_finite_locations(compiled, msda_inputs, device, dtype, name)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_kernel_locations_beyond_index_range(compiled, msda_inputs, device, dtype):
+def test_kernel_locations_beyond_index_range(msda_inputs, device, dtype):
     # loc * size exceeds int64 (and overflows to inf for float32): no index may be computed
-    compiled(device)
+    _require_kernels(device)
     value, shapes, starts, locations, weights = msda_inputs(dtype=dtype, device=device)
     huge = torch.finfo(dtype).max / 2
     for number in (huge, -huge, 2.0**70, -(2.0**70)):
@@ -132,8 +128,8 @@ def test_kernel_locations_beyond_index_range(compiled, msda_inputs, device, dtyp
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", sorted(WEIGHTS))
-def test_kernel_non_finite_weights(compiled, msda_inputs, device, dtype, name):
-    compiled(device)
+def test_kernel_non_finite_weights(msda_inputs, device, dtype, name):
+    _require_kernels(device)
     value, shapes, starts, locations, weights = msda_inputs(dtype=dtype, device=device)
     # a few weights of one query, some of whose samples are outside their level
     poisoned = weights.clone()
@@ -158,8 +154,8 @@ def test_kernel_non_finite_weights(compiled, msda_inputs, device, dtype, name):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(WEIGHTS))
-def test_non_finite_weights_of_samples_outside_do_not_leak(compiled, msda_inputs, device, name):
-    compiled(device)
+def test_non_finite_weights_of_samples_outside_do_not_leak(msda_inputs, device, name):
+    _require_kernels(device)
     value, shapes, starts, locations, weights = msda_inputs(device=device)
     outside = ~samples_touching_levels(locations, shapes)
     assert outside.any()
@@ -175,11 +171,11 @@ def test_non_finite_weights_of_samples_outside_do_not_leak(compiled, msda_inputs
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_kernel_and_reference_agree_on_the_level_borders(compiled, msda_inputs, device, dtype):
+def test_kernel_and_reference_agree_on_the_level_borders(msda_inputs, device, dtype):
     # NaN weights make the border test visible: NaN where a sample touches its level, 0 if not.
     # (Only the output: at x = -1 or x = w grid_sample may round to the other side and leave
     # out a border cell of zero bilinear weight, which a NaN weight turns into a NaN gradient.)
-    compiled(device)
+    _require_kernels(device)
     # one sample per (query, head): a row of the output is NaN iff its sample touches
     value, shapes, starts, locations, weights = msda_inputs(
         dtype=dtype, levels=((7, 9),), num_points=1, num_queries=40

@@ -15,6 +15,16 @@ if _TESTS_DIR not in sys.path:
 import helpers  # noqa: E402
 
 
+def pytest_report_header(config):
+    """Says whether the compiled kernels are tested or only the PyTorch fallback."""
+    from focus_detr.layers.ms_deform_attn_op import extension_kernels, extension_load_error
+
+    if extension_load_error():
+        return f"focus_detr._C: not loaded ({extension_load_error()}), PyTorch fallback only"
+    kernels = ", ".join(device.upper() for device in extension_kernels()) or "none"
+    return f"focus_detr._C: loaded, compiled kernels: {kernels}"
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """

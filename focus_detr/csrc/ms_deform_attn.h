@@ -8,7 +8,11 @@
 //   attention_weights   (B, Nq, H, L, P)
 //   output              (B, Nq, H * D)
 // Bilinear sampling with zero padding: the centre of cell j of a level of width W is at
-// x = (j + 0.5) / W.
+// x = (j + 0.5) / W. Non-finite inputs (the same rules as ms_deform_attn_reference.py):
+// - a sample whose footprint misses its level (x = loc_x * W - 0.5 outside [-1, W) or likewise
+//   in y; NaN, +-inf and huge locations included) contributes zero whatever its weight, and
+//   gets zero gradients; no memory is read or written for it;
+// - a NaN or infinite attention weight of a sample that touches its level counts as NaN.
 #pragma once
 
 #include <ATen/core/Tensor.h>

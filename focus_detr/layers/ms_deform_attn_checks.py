@@ -1,8 +1,11 @@
 """Validation of the inputs of multi-scale deformable attention, with messages naming values."""
 
-import torch
+from typing import Optional
 
-__all__ = ["check_inputs"]
+import torch
+from torch import nn
+
+__all__ = ["check_inputs", "check_module_inputs", "check_module_sizes"]
 
 
 def _can_read_values(*tensors: torch.Tensor) -> bool:
@@ -116,4 +119,72 @@ def check_inputs(
         raise ValueError(
             f"level_start_index {starts} is inconsistent with spatial_shapes {shape_list}: "
             f"expected {expected_starts}"
+        )
+
+
+def check_module_sizes(embed_dim: int, num_heads: int, num_levels: int, num_points: int) -> None:
+    """
+    Checks the constructor arguments of the deformable attention modules.
+
+    Raises:
+        ValueError: a size that is not positive, or ``embed_dim`` not divisible by
+            ``num_heads``.
+    """
+    for name, number in (
+        ("embed_dim", embed_dim),
+        ("num_heads", num_heads),
+        ("num_levels", num_levels),
+        ("num_points", num_points),
+    ):
+        if number <= 0:
+            raise ValueError(f"{name} must be positive, got {number}")
+    if embed_dim % num_heads != 0:
+        raise ValueError(
+            f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, "
+            f"num_heads={num_heads}"
+        )
+
+
+def check_module_inputs(
+    module: nn.Module,
+    query: torch.Tensor,
+    reference_points: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    value_padding_mask: Optional[torch.Tensor],
+) -> None:
+    """
+    Checks the shapes given to the ``forward`` of a deformable attention module with the
+    attributes ``embed_dim`` (C) and ``num_levels`` (L).
+
+    Raises:
+        ValueError: query not (B, Nq, C), value not (B, Nv, C), reference_points not
+            (B, Nq, L, 2 or 4), spatial_shapes not (L, 2) or value_padding_mask not (B, Nv).
+    """
+    channels, num_levels = module.embed_dim, module.num_levels
+    if query.dim() != 3 or query.shape[2] != channels:
+        raise ValueError(f"query must be (B, Nq, {channels}), got {tuple(query.shape)}")
+    if value.dim() != 3 or value.shape[0] != query.shape[0] or value.shape[2] != channels:
+        raise ValueError(
+            f"value must be (B, Nv, {channels}) with the batch of query {tuple(query.shape)}, "
+            f"got {tuple(value.shape)}"
+        )
+    if (
+        reference_points.dim() != 4
+        or reference_points.shape[:3] != (query.shape[0], query.shape[1], num_levels)
+        or reference_points.shape[3] not in (2, 4)
+    ):
+        raise ValueError(
+            f"reference_points must be (B, Nq, {num_levels}, 2) points or "
+            f"(B, Nq, {num_levels}, 4) boxes for query {tuple(query.shape)}, got "
+            f"{tuple(reference_points.shape)}"
+        )
+    if spatial_shapes.shape != (num_levels, 2):
+        raise ValueError(
+            f"spatial_shapes must have shape ({num_levels}, 2), got {tuple(spatial_shapes.shape)}"
+        )
+    if value_padding_mask is not None and value_padding_mask.shape != value.shape[:2]:
+        raise ValueError(
+            f"value_padding_mask must be (B, Nv) = {tuple(value.shape[:2])}, got "
+            f"{tuple(value_padding_mask.shape)}"
         )

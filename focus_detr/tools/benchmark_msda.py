@@ -9,6 +9,10 @@ forward+backward times and the speed-up of the compiled op. Problem: 4 levels (1
 (50, 84), (25, 42), (13, 21) = 22223 values and as many queries (the encoder), 8 heads x 32
 channels, 4 points, batch 1, float32. Every query samples around its own position (offsets of a
 few cells), as in the encoder.
+
+A last row times key-aware deformable attention (Lite DETR) on the same problem: keys sampled
+with ``grid_sample``, the softmax of their dot products with the queries weighting the op's
+value sum.
 """
 
 import argparse
@@ -21,7 +25,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from focus_detr.layers import multi_scale_deformable_attention_reference
+from focus_detr.layers import (
+    key_aware_deformable_attention,
+    multi_scale_deformable_attention_reference,
+)
 from focus_detr.layers.ms_deform_attn_op import FORWARD_OP, compiled_kernel_available
 
 LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
@@ -51,6 +58,9 @@ def encoder_problem(device: torch.device, *, seed: int = 0) -> Dict[str, torch.T
     logits = torch.randn(1, num_tokens, NUM_HEADS, num_levels * NUM_POINTS, generator=generator)
     tensors = {
         "value": torch.randn(1, num_tokens, NUM_HEADS, HEAD_DIM, generator=generator),
+        # projected queries and keys of the key-aware attention
+        "query": torch.randn(1, num_tokens, NUM_HEADS, HEAD_DIM, generator=generator),
+        "key": torch.randn(1, num_tokens, NUM_HEADS, HEAD_DIM, generator=generator),
         "spatial_shapes": shapes,
         "level_start_index": starts,
         "sampling_locations": reference + offsets / level_size,
@@ -66,6 +76,19 @@ def _peer() -> Optional[Callable[..., torch.Tensor]]:
     except ImportError:
         return None
     return ms_deform_attn
+
+
+def _key_aware(problem: Dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Key-aware attention with the op's signature; its weights come from the sampled keys."""
+    query, key = problem["query"], problem["key"]
+
+    def attention(value, spatial_shapes, level_start_index, sampling_locations, weights):
+        del weights  # computed from the query and the sampled keys
+        return key_aware_deformable_attention(
+            query, key, value, spatial_shapes, level_start_index, sampling_locations
+        )[0]
+
+    return attention
 
 
 def _median_ms(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
@@ -134,6 +157,7 @@ def run(device: torch.device, repeats: int, warmup: int) -> Dict[str, object]:
         "compiled": FORWARD_OP if compiled_kernel_available(device) else None,
         "reference": multi_scale_deformable_attention_reference,
         "torch-ms-deform-attn": _peer(),
+        "key-aware": _key_aware(problem),
     }
     results: Dict[str, object] = {}
     for name, function in implementations.items():
@@ -165,7 +189,7 @@ def run(device: torch.device, repeats: int, warmup: int) -> Dict[str, object]:
             difference = FORWARD_OP(*args) - multi_scale_deformable_attention_reference(*args)
         report["max_abs_difference_compiled_vs_reference"] = difference.abs().max().item()
         ratios = {}
-        for name in ("reference", "torch-ms-deform-attn"):
+        for name in ("reference", "torch-ms-deform-attn", "key-aware"):
             if isinstance(results[name], dict):
                 ratios[f"{name}/compiled"] = {
                     key: results[name][key] / compiled[key] for key in compiled

@@ -7,10 +7,10 @@ from focus_detr.layers import (
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_reference,
 )
-from focus_detr.layers.ms_deform_attn_fallback import (
+from focus_detr.layers.ms_deform_attn_op import FORWARD_OP, compiled_kernel_available
+from focus_detr.layers.ms_deform_attn_reference import (
     multi_scale_deformable_attention_reference_backward,
 )
-from focus_detr.layers.ms_deform_attn_op import FORWARD_OP, compiled_kernel_available
 
 requires_cuda_kernel = pytest.mark.skipif(
     not torch.cuda.is_available() or not compiled_kernel_available("cuda"),

@@ -3,9 +3,18 @@
 import pytest
 import torch
 
-from focus_detr.layers import MultiScaleDeformableAttention, msda_backend
+from focus_detr.layers import (
+    MultiScaleDeformableAttention,
+    msda_backend,
+    multi_scale_deformable_attention,
+)
 from focus_detr.layers.flop_count import MSDA_FLOP_HANDLES, ms_deform_attn_flop_count
-from focus_detr.layers.ms_deform_attn_op import BACKWARD_OP, FORWARD_OP
+from focus_detr.layers.ms_deform_attn_op import (
+    BACKWARD_OP,
+    FORWARD_OP,
+    compiled_kernel_available,
+    extension_load_error,
+)
 
 LEVELS = ((6, 7), (3, 4))
 
@@ -35,6 +44,11 @@ def _output_and_grads(module, inputs):
     return output.detach(), query.grad, grads
 
 
+@pytest.mark.skipif(
+    not compiled_kernel_available("cpu"),
+    reason="focus_detr._C is not loaded, so the op's fallback is the reference itself and the "
+    f"comparison would be vacuous ({extension_load_error() or 'no CPU kernels'})",
+)
 @pytest.mark.parametrize("reference_dim", [2, 4])
 def test_module_same_with_op_and_reference(reference_dim):
     module, inputs = _tiny_problem(reference_dim=reference_dim)
@@ -45,6 +59,76 @@ def test_module_same_with_op_and_reference(reference_dim):
     torch.testing.assert_close(query_grad, expected_query_grad, rtol=1e-4, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("reference_dim", [2, 4])
+def test_return_sampling(reference_dim):
+    module, inputs = _tiny_problem(reference_dim=reference_dim)
+    query, reference, value, shapes, starts, padding = inputs
+    output, locations, weights = module(*inputs, return_sampling=True)
+    torch.testing.assert_close(output, module(*inputs), rtol=0, atol=0)
+    assert locations.shape == (2, 5, 2, 2, 3, 2) and weights.shape == (2, 5, 2, 2, 3)
+    offsets = module.sampling_offsets(query).view(2, 5, 2, 2, 3, 2)
+    logits = module.attention_weights(query).view(2, 5, 2, 6)
+    expected_weights = (logits.exp() / logits.exp().sum(-1, keepdim=True)).view(2, 5, 2, 2, 3)
+    torch.testing.assert_close(weights, expected_weights)
+    expected = torch.empty(2, 5, 2, 2, 3, 2)
+    for level, (height, width) in enumerate(LEVELS):
+        for axis, cells in ((0, width), (1, height)):
+            centre = reference[:, :, None, level, None, axis]
+            if reference_dim == 2:  # offsets in cells of the level
+                position = centre + offsets[:, :, :, level, :, axis] / cells
+            else:  # offsets in units of half the box size / P, P = 3 points
+                size = reference[:, :, None, level, None, 2 + axis]
+                position = centre + offsets[:, :, :, level, :, axis] * size / (2 * 3)
+            expected[:, :, :, level, :, axis] = position
+    torch.testing.assert_close(locations, expected)
+    # the output is the op applied to exactly these locations and weights
+    projected = module.value_proj(value).masked_fill(padding[..., None], 0.0).view(2, 54, 2, 8)
+    sampled = multi_scale_deformable_attention(projected, shapes, starts, locations, weights)
+    torch.testing.assert_close(output, module.output_proj(sampled))
+
+
+def _invalid_module_inputs():
+    module, (query, reference, value, shapes, starts, padding) = _tiny_problem()
+    return module, {
+        "query": ((query[..., :8], reference, value, shapes, starts), "query must be (B, Nq, 16)"),
+        "value": ((query, reference, value[:1], shapes, starts), "value must be (B, Nv, 16)"),
+        "reference_points": (
+            (query, reference[..., :1], value, shapes, starts),
+            "reference_points must be (B, Nq, 2, 2) points",
+        ),
+        "levels": (
+            (query, reference[:, :, :1], value, shapes, starts),
+            "got (2, 5, 1, 2)",
+        ),
+        "spatial_shapes": (
+            (query, reference, value, shapes[:1], starts),
+            "spatial_shapes must have shape (2, 2), got (1, 2)",
+        ),
+        "padding": (
+            (query, reference, value, shapes, starts, padding[:, :4]),
+            "value_padding_mask must be (B, Nv) = (2, 54), got (2, 4)",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["query", "value", "reference_points", "levels", "spatial_shapes", "padding"]
+)
+def test_module_rejects_bad_shapes(case):
+    module, cases = _invalid_module_inputs()
+    arguments, message = cases[case]
+    with pytest.raises(ValueError) as error:
+        module(*arguments)
+    assert message in str(error.value)
+
+
+def test_module_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="num_points must be positive, got 0"):
+        MultiScaleDeformableAttention(embed_dim=16, num_heads=2, num_points=0)
+    with pytest.raises(ValueError, match="embed_dim=18, num_heads=4"):
+        MultiScaleDeformableAttention(embed_dim=18, num_heads=4)
 
 
 def test_module_under_autocast():

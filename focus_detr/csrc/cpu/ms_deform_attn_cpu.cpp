@@ -21,6 +21,7 @@ namespace focus_detr {
 namespace {
 
 using cpu::corners_backward;
+using cpu::finite_or_nan;
 using cpu::footprint;
 using cpu::Footprint;
 using cpu::Level;
@@ -60,7 +61,7 @@ void forward_kernel(
             if (!footprint(locations[2 * sample], locations[2 * sample + 1], level, fp)) {
               continue;
             }
-            const scalar_t attention = weights[sample];
+            const scalar_t attention = finite_or_nan(weights[sample]);
             for (int k = 0; k < 4; ++k) {
               if (fp.index[k] >= 0) {
                 rows[count] = value_level + fp.index[k] * row_stride;
@@ -176,7 +177,7 @@ void backward_kernel(
                 grad_locations[2 * sample + 1] = 0;
                 continue;
               }
-              const scalar_t attention = weights[sample];
+              const scalar_t attention = finite_or_nan(weights[sample]);
               const scalar_t* rows[4];
               scalar_t* grad_rows[4];
               scalar_t w[4];

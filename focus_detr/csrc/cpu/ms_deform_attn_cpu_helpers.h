@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace focus_detr {
@@ -60,7 +61,19 @@ struct Footprint {
   scalar_t fy;
 };
 
-// Returns false when the sample touches no cell (all four corners are outside the level).
+// loc * size - 0.5 rounded after the product and after the difference, as PyTorch computes it
+// in ms_deform_attn_reference.py: on targets with fused multiply-adds the compiler could
+// otherwise contract it, and the test of footprint() could then differ from the reference's at
+// the level borders. (The volatile store only costs a few cycles per sample.)
+template <typename scalar_t>
+inline scalar_t scaled_location(scalar_t loc, int64_t size) {
+  volatile scalar_t product = loc * static_cast<scalar_t>(size);
+  return product - scalar_t(0.5);
+}
+
+// Returns false when the sample touches no cell of its level: -1 <= x < width and
+// -1 <= y < height fail, which NaN, +-inf and huge locations fail too. Such a sample contributes
+// nothing and gets zero gradients (ms_deform_attn_reference.py computes the same test).
 template <typename scalar_t>
 inline bool footprint(
     scalar_t loc_x,
@@ -68,9 +81,10 @@ inline bool footprint(
     const Level& level,
     Footprint<scalar_t>& out) {
   // align_corners=False: the centre of cell j is at (j + 0.5) / size.
-  const scalar_t x = loc_x * static_cast<scalar_t>(level.width) - scalar_t(0.5);
-  const scalar_t y = loc_y * static_cast<scalar_t>(level.height) - scalar_t(0.5);
-  // Written so that NaN locations are skipped too.
+  const scalar_t x = scaled_location(loc_x, level.width);
+  const scalar_t y = scaled_location(loc_y, level.height);
+  // The range test comes before any conversion to an integer: past it x and y are finite and
+  // in [-1, size), so the int64 corner indices below cannot overflow.
   if (!(x >= scalar_t(-1) && y >= scalar_t(-1) && x < static_cast<scalar_t>(level.width) &&
         y < static_cast<scalar_t>(level.height))) {
     return false;
@@ -98,6 +112,14 @@ inline bool footprint(
   out.index[2] = (y1_in && x0_in) ? row1 + x0 : -1;
   out.index[3] = (y1_in && x1_in) ? row1 + x0 + 1 : -1;
   return true;
+}
+
+// The attention weight a sample is multiplied by: NaN when it is not finite, so that a NaN or
+// infinite weight gives NaN in every order of evaluation (inf * 0 and inf - inf are NaN, but
+// inf * (w0 * v0 + w1 * v1) and inf * w0 * v0 + inf * w1 * v1 may differ).
+template <typename scalar_t>
+inline scalar_t finite_or_nan(scalar_t weight) {
+  return std::isfinite(weight) ? weight : std::numeric_limits<scalar_t>::quiet_NaN();
 }
 
 #if defined(__GNUC__)

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "ms_deform_attn.h"
 
@@ -37,8 +38,27 @@ struct Sizes {
   int64_t num_points;
 };
 
+// loc * size - 0.5 rounded after the product and after the difference, as PyTorch computes it
+// in ms_deform_attn_reference.py: nvcc would otherwise contract it into one fused multiply-add,
+// and the test of footprint() could then differ from the reference's at the level borders.
+__device__ __forceinline__ float scaled_location(float loc, int64_t size) {
+  return __fsub_rn(__fmul_rn(loc, static_cast<float>(size)), 0.5f);
+}
+
+__device__ __forceinline__ double scaled_location(double loc, int64_t size) {
+  return __dsub_rn(__dmul_rn(loc, static_cast<double>(size)), 0.5);
+}
+
+// The attention weight a sample is multiplied by: NaN when it is not finite (see the CPU
+// kernels' finite_or_nan: the result is then NaN in every order of evaluation).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t finite_or_nan(scalar_t weight) {
+  return isfinite(weight) ? weight : static_cast<scalar_t>(NAN);
+}
+
 // Bilinear footprint of one sample (align_corners=False): the cells (y0x0, y0x1, y1x0, y1x1)
-// as indices inside the level (-1 when outside) and their weights. False when no cell is hit.
+// as indices inside the level (-1 when outside) and their weights. False when no cell is hit:
+// -1 <= x < width and -1 <= y < height fail, which NaN, +-inf and huge locations fail too.
 template <typename scalar_t>
 __device__ __forceinline__ bool footprint(
     scalar_t loc_x,
@@ -49,8 +69,10 @@ __device__ __forceinline__ bool footprint(
     scalar_t (&weight)[4],
     scalar_t& fx,
     scalar_t& fy) {
-  const scalar_t x = loc_x * static_cast<scalar_t>(width) - scalar_t(0.5);
-  const scalar_t y = loc_y * static_cast<scalar_t>(height) - scalar_t(0.5);
+  const scalar_t x = scaled_location(loc_x, width);
+  const scalar_t y = scaled_location(loc_y, height);
+  // The range test comes before any conversion to an integer: past it x and y are finite and
+  // in [-1, size), so the int64 corner indices below cannot overflow.
   if (!(x >= scalar_t(-1) && y >= scalar_t(-1) && x < static_cast<scalar_t>(width) &&
         y < static_cast<scalar_t>(height))) {
     return false;
@@ -127,7 +149,7 @@ __global__ void forward_kernel(
               sampled += weight[k] * value_level[index[k] * row_stride];
             }
           }
-          acc += weights[sample] * sampled;
+          acc += finite_or_nan(weights[sample]) * sampled;
         }
       }
       output[row * s.head_dim + c] = acc;
@@ -176,7 +198,7 @@ __global__ void backward_kernel(
           }
           continue;
         }
-        const scalar_t attention = weights[sample];
+        const scalar_t attention = finite_or_nan(weights[sample]);
         scalar_t dot[4] = {0, 0, 0, 0};
         for (int64_t c = lane; c < s.head_dim; c += kWarpSize) {
           const scalar_t g = grad[c];

@@ -61,11 +61,11 @@ class TwoStageQuerySelection(nn.Module):
             base_scale: side of the level-0 proposals; doubles per level (the meta-architecture
                 builds the proposals with it).
             prior_prob: initial foreground probability of the class head.
-            select_invalid_tokens: True (reference): the top-Q runs over every token; a token
-                without a valid proposal (padding, the outer ring of fine levels) has its memory
+            select_invalid_tokens: True (reference): the top-Q runs over every unpadded token;
+                a token without a valid proposal (the outer ring of fine levels) has its memory
                 zeroed and a +inf proposal, so if picked its box is (1, 1, 1, 1). False: such
                 tokens are ranked last and picked only when an image has fewer than Q valid
-                tokens, then with a centred proposal.
+                tokens, then with a centred proposal. Padded tokens are always ranked last.
         """
         super().__init__()
         for name, value in (
@@ -108,9 +108,10 @@ class TwoStageQuerySelection(nn.Module):
         projected = self.memory_projection(memory)
         logits = self.class_head(projected)
         num_queries = min(self.num_queries, memory.shape[1])
-        scores = logits.max(-1).values
-        if not self.select_invalid_tokens:
-            scores = scores.masked_fill(~valid, -math.inf)
+        # padded tokens are never ranked (they do not exist in an image alone); the reference
+        # ranks the other invalid tokens (the outer ring of fine levels) like any token
+        ranked = ~features.padding_mask if self.select_invalid_tokens else valid
+        scores = logits.max(-1).values.masked_fill(~ranked, -math.inf)
         topk_indices = scores.topk(num_queries, dim=1).indices
         topk_valid = valid.gather(1, topk_indices)
 

@@ -6,7 +6,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ..layers import MultiScaleDeformableAttention
+from ..layers import KeyAwareDeformableAttention, MultiScaleDeformableAttention
 
 __all__ = ["TRANSFORMER_INITS", "migrate_state_dict", "reference_transformer_init"]
 
@@ -40,7 +40,7 @@ def reference_transformer_init(model: nn.Module) -> None:
                     nn.init.xavier_uniform_(parameter)
     for part in parts:
         for module in part.modules():
-            if isinstance(module, MultiScaleDeformableAttention):
+            if isinstance(module, (MultiScaleDeformableAttention, KeyAwareDeformableAttention)):
                 module.reset_parameters()
     reset_heads = getattr(model.encoder, "reset_head_parameters", None)
     if reset_heads is not None:

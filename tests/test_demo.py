@@ -28,7 +28,7 @@ from focus_detr.demo import (
 )
 from focus_detr.demo.__main__ import main
 from focus_detr.demo.inputs import output_names
-from focus_detr.modeling import EncoderOutput
+from focus_detr.modeling import DenseEncoder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO_ROOT, "configs", "focus_detr_demo_shapes.py")
@@ -201,20 +201,22 @@ def test_run_demo_on_val_images(predictor, tiny_dataset, tmp_path):
         assert 900 <= tokens_picture.size[0] <= 1200  # 12 in at 90 dpi
 
 
-class _EncoderWithoutSelector(torch.nn.Module):
-    """Same contract, but no foreground logits (like an encoder without a token selector)."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, **kwargs):
-        return EncoderOutput(memory=self.encoder(**kwargs).memory)
+def _dense_like(encoder):
+    """A dense encoder (no token selector) of the same sizes as ``encoder``."""
+    attention = encoder.layers[0].deformable_attn
+    return DenseEncoder(
+        embed_dim=encoder.embed_dim,
+        num_layers=1,
+        num_heads=attention.num_heads,
+        num_levels=encoder.num_levels,
+        num_points=attention.num_points,
+        ffn_dim=16,
+    ).eval()
 
 
 def test_run_demo_without_selector_writes_predictions_only(predictor, image_folder, tmp_path):
     original = predictor.model.encoder
-    predictor.model.encoder = _EncoderWithoutSelector(original)
+    predictor.model.encoder = _dense_like(original)
     try:
         messages = []
         written = run_demo(

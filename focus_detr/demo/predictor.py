@@ -67,8 +67,8 @@ def load_config(config_file: str, overrides: Sequence[str] = ()):
 class FocusDETRPredictor:
     """
     Builds ``cfg.model``, loads weights and runs single images preprocessed like the test
-    mapper of the config (its augmentations and image format). The encoder's output is captured
-    with a forward hook on ``model.encoder``, so any encoder returning an ``EncoderOutput`` works.
+    mapper of the config (its augmentations and image format). What the encoder selected comes
+    from ``model.inference(..., return_details=True)``, so any encoder works.
     """
 
     def __init__(self, cfg, *, weights: str, device: str = "cpu"):
@@ -111,25 +111,9 @@ class FocusDETRPredictor:
         tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         inputs = {"image": tensor, "height": height, "width": width}
 
-        captured = {}
-
-        def capture(module, args, kwargs, output):
-            captured["kwargs"], captured["output"] = kwargs, output
-
-        handle = self.model.encoder.register_forward_hook(capture, with_kwargs=True)
-        try:
-            outputs = self.model([inputs])
-        finally:
-            handle.remove()
-        if "output" not in captured:
-            raise RuntimeError("model.encoder was not called during the forward pass")
-        padded_size = tuple(self.model.preprocess_image([inputs]).tensor.shape[-2:])
+        outputs, details = self.model.inference([inputs], return_details=True)
         tokens = _token_selection(
-            captured["kwargs"],
-            captured["output"],
-            image_size=tuple(tensor.shape[-2:]),
-            padded_size=padded_size,
-            strides=self.strides,
+            details, image_size=tuple(tensor.shape[-2:]), strides=self.strides
         )
         return Prediction(
             image_rgb=np.asarray(convert_image_to_rgb(image, self.input_format), dtype=np.uint8),
@@ -138,22 +122,26 @@ class FocusDETRPredictor:
         )
 
 
-def _token_selection(kwargs, output, *, image_size, padded_size, strides) -> TokenSelection:
-    """The first (only) image of the captured encoder call, moved to the CPU."""
-    if "spatial_shapes" not in kwargs or "padding_mask" not in kwargs:
-        raise RuntimeError(
-            "model.encoder must be called with keyword arguments spatial_shapes= and "
-            "padding_mask=, got "
-            f"{sorted(kwargs)}"
-        )
-    foreground_logits = getattr(output, "foreground_logits", None)
+def _token_selection(details, *, image_size, strides) -> TokenSelection:
+    """The first (only) image of ``model.inference(..., return_details=True)``, on the CPU."""
+    features, encoded = details.features, details.encoder
+    padding_mask = features.padding_mask[0]
+    all_tokens = torch.arange(padding_mask.shape[0], device=padding_mask.device)
+    layer_indices, layer_valid = [], []
+    for layer in range(encoded.num_layers):
+        indices = encoded.layer_indices[layer]
+        # None: the layer updated every valid token (dense layers)
+        indices = all_tokens if indices is None else indices[0]
+        layer_indices.append(indices.cpu())
+        layer_valid.append(encoded.updated_mask(layer, features.padding_mask)[0][indices].cpu())
+    scores = encoded.token_scores
     return TokenSelection(
-        foreground_logits=None if foreground_logits is None else foreground_logits[0].cpu(),
-        layer_indices=[i[0].cpu() for i in getattr(output, "layer_indices", [])],
-        layer_valid=[v[0].cpu() for v in getattr(output, "layer_valid", [])],
-        spatial_shapes=kwargs["spatial_shapes"].cpu(),
-        padding_mask=kwargs["padding_mask"][0].cpu(),
+        foreground_logits=None if scores is None else scores[0].detach().cpu(),
+        layer_indices=layer_indices,
+        layer_valid=layer_valid,
+        spatial_shapes=features.spatial_shapes.cpu(),
+        padding_mask=padding_mask.cpu(),
         image_size=(int(image_size[0]), int(image_size[1])),
-        padded_size=(int(padded_size[0]), int(padded_size[1])),
+        padded_size=features.padded_size,
         strides=list(strides),
     )

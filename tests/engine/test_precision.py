@@ -130,6 +130,32 @@ def test_amp_from_config_reads_the_setting_and_the_model_sizes(monkeypatch):
         amp_from_config(cfg, "cpu")
 
 
+@pytest.mark.parametrize("main_process", [True, False])
+def test_amp_from_config_takes_the_choice_of_rank_0(monkeypatch, main_process):
+    gathered = []
+    rank0 = AmpChoice(True, torch.bfloat16, "measured on rank 0")
+
+    def all_gather(choice):
+        gathered.append(choice)
+        return [choice if main_process else rank0, None]
+
+    monkeypatch.setattr(precision.comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(precision.comm, "is_main_process", lambda: main_process)
+    monkeypatch.setattr(precision.comm, "all_gather", all_gather)
+    monkeypatch.setattr(
+        precision, "measure_cpu_bfloat16", _probe(20.0, 10.0) if main_process else _failing_probe
+    )
+    cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "common" / "train.py"))
+    cfg.train.amp.enabled = "auto"
+    choice = amp_from_config(cfg, "cpu")
+    assert choice.enabled and choice.dtype == torch.bfloat16
+    assert gathered == [choice if main_process else None]
+    if not main_process:
+        assert choice == rank0
+    cfg.train.amp.enabled = False  # forced: every process decides alike, nothing gathered
+    assert not amp_from_config(cfg, "cpu").enabled and len(gathered) == 1
+
+
 def test_trainer_rejects_an_unresolved_setting():
     model = build_tiny_model()
     with pytest.raises(ValueError, match="'auto'"):

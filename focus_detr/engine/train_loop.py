@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from .data_loader import build_resumable_train_loader
 from .ema import ModelEMA
 from .hooks import RNGStateHook
+from .precision import amp_from_config
 from .trainer import DETRTrainer
 
 __all__ = ["build_model", "do_test", "do_train", "load_for_eval", "wrap_ddp"]
@@ -73,6 +74,7 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
             warmup=OmegaConf.select(cfg, "train.ema.warmup", default=2000),
         )
     ddp_model = wrap_ddp(model, **cfg.train.ddp)
+    amp = amp_from_config(cfg, next(model.parameters()).device)  # True, False or "auto"
     clip_enabled = OmegaConf.select(cfg, "train.clip_grad.enabled", default=True)
     trainer = DETRTrainer(
         ddp_model,
@@ -81,7 +83,8 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
         clip_grad_max_norm=(
             OmegaConf.select(cfg, "train.clip_grad.max_norm", default=0.1) if clip_enabled else None
         ),
-        amp=OmegaConf.select(cfg, "train.amp.enabled", default=False),
+        amp=amp.enabled,
+        amp_dtype=amp.dtype,
         ema=ema,
     )
     checkpointables = {"ema": ema} if ema is not None else {}

@@ -37,10 +37,13 @@ class DETRTrainer(SimpleTrainer):
         Args:
             model, data_loader, optimizer: as in :class:`SimpleTrainer`.
             clip_grad_max_norm: max L2 norm of all gradients together; None or <= 0 disables.
-            amp: run forward and loss under ``torch.autocast``.
+            amp: run forward and loss under ``torch.autocast`` (a bool: ``"auto"`` is decided by
+                :func:`focus_detr.engine.precision.resolve_amp`).
             amp_dtype: autocast dtype; default float16 on CUDA, bfloat16 on CPU.
             ema: weights average updated after every optimizer step.
         """
+        if not isinstance(amp, bool):
+            raise ValueError(f"amp must be True or False, got {amp!r} (resolve 'auto' first)")
         super().__init__(model, data_loader, optimizer, gather_metric_period=gather_metric_period)
         device = next(model.parameters()).device
         self.device_type = device.type

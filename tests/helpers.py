@@ -221,6 +221,8 @@ def tiny_train_config(
     test_loader.num_workers = 0
     cfg.train.output_dir = os.fspath(output_dir)
     cfg.train.device = "cpu"
+    # fixed float32: "auto" would depend on a timing, and seeded runs must reproduce exactly
+    cfg.train.amp.enabled = False
     cfg.train.seed = seed
     cfg.train.max_iter = max_iter
     cfg.train.eval_period = max_iter

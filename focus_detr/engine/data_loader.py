@@ -215,8 +215,8 @@ def build_resumable_train_loader(
     """
     if not _is_detectron2_train_loader(loader_cfg):
         logger.warning(
-            f"dataloader.train is not build_detection_train_loader: built as configured; a "
-            f"resumed run restarts its data stream"
+            "dataloader.train is not build_detection_train_loader: built as configured; a "
+            "resumed run restarts its data stream"
         )
         return instantiate(loader_cfg)
     kwargs = {

@@ -34,7 +34,9 @@ def all_processes_finite(value: torch.Tensor) -> bool:
 
 
 def _format_terms(terms: Mapping[str, torch.Tensor]) -> str:
-    return ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items())
+    return ", ".join(
+        f"{name}={float(torch.as_tensor(value).detach()):.4g}" for name, value in terms.items()
+    )
 
 
 class NonFiniteStepGuard:

@@ -21,8 +21,7 @@ from focus_detr.engine.checkpoint import CheckpointError, SafeCheckpointer
 #   write:    half of model_b's bytes are written to disk
 #   rename:   model_b is complete and flushed, not yet renamed
 #   tag:      model_b is in place, last_checkpoint's new content is flushed, not yet renamed
-_SAVER = textwrap.dedent(
-    """
+_SAVER = textwrap.dedent("""
     import os, sys, time
     import torch
     from focus_detr.engine import checkpoint
@@ -64,8 +63,7 @@ _SAVER = textwrap.dedent(
         os.fsync = blocking_fsync
     saver.save("model_b", iteration=2)
     print("SAVED", flush=True)
-    """
-)
+    """)
 
 
 @pytest.mark.parametrize("block_at", ["write", "rename", "tag"])
@@ -154,9 +152,7 @@ def test_another_class_count_restarts_the_class_heads_with_one_warning(tmp_path,
     SafeCheckpointer(three, str(tmp_path)).save("three")
     five = build_tiny_model(num_classes=5, seed=1)
     initial = {k: v.clone() for k, v in five.state_dict().items()}
-    reshaped = sorted(
-        k for k, v in three.state_dict().items() if v.shape != initial[k].shape
-    )
+    reshaped = sorted(k for k, v in three.state_dict().items() if v.shape != initial[k].shape)
     assert reshaped, "the class count changes no tensor shape"
     with caplog.at_level(logging.WARNING):
         SafeCheckpointer(five).load(str(tmp_path / "three.pth"))

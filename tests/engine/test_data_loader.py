@@ -121,7 +121,12 @@ def test_loader_batches_do_not_depend_on_workers_or_on_where_the_run_resumed(sha
     cfg.dataloader.train.aspect_ratio_grouping = True
     reference = _batches(cfg, 6)
     # random flips happened (the augmentation is exercised), in both directions
-    flips = {torch.equal(s[1], reference[0][0][1]) for b in reference for s in b if s[0] == reference[0][0][0]}
+    flips = {
+        torch.equal(s[1], reference[0][0][1])
+        for b in reference
+        for s in b
+        if s[0] == reference[0][0][0]
+    }
     assert flips == {True, False}
     cfg.dataloader.train.num_workers = 2
     _assert_same_batches(_batches(cfg, 6), reference)

@@ -24,9 +24,7 @@ def poison(monkeypatch):
 
     def build_poisoned(cfg):
         model = build(cfg)
-        name, buffer = next(
-            (n, b) for n, b in model.named_buffers() if n.endswith("running_mean")
-        )
+        name, buffer = next((n, b) for n, b in model.named_buffers() if n.endswith("running_mean"))
 
         def hook(module, inputs, losses):
             if module.training and get_event_storage().iter in bad:
@@ -106,9 +104,7 @@ class _Toy(torch.nn.Module):
 def test_a_nan_gradient_with_a_finite_loss_stops_training_too():
     model = _Toy()
     before = model.linear.weight.detach().clone()
-    trainer = DETRTrainer(
-        model, [torch.ones(1, 2)], torch.optim.SGD(model.parameters(), lr=0.1)
-    )
+    trainer = DETRTrainer(model, [torch.ones(1, 2)], torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(NonFiniteLossError, match=r"gradient norm .* iteration 0: grad_norm=nan"):
         trainer.train(0, 1)
     assert torch.equal(model.linear.weight, before)

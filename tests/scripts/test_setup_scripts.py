@@ -100,7 +100,8 @@ def test_sourcing_and_running_setup_keeps_the_callers_shell_options(tmp_path, fa
     assert any("install_detectron2.py" in call for call in calls)
     assert any("pip install --quiet --no-build-isolation -e ." in call for call in calls)
     assert (root / "build" / ".focus_detr_extension_stamp").exists()
-    hashed = f"-m pip install --quiet --require-hashes --no-deps -r {root}/scripts/requirements-torch.txt"
+    requirements = root / "scripts" / "requirements-torch.txt"
+    hashed = f"-m pip install --quiet --require-hashes --no-deps -r {requirements}"
     if fail:  # no working torch: the hash-checked wheels, then their dependencies
         index = calls.index(hashed)
         assert calls[index + 1] == "-m pip install --quiet torch==2.14.1 torchvision==0.29.1"

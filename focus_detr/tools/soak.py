@@ -13,6 +13,9 @@ sizes above really reach the backbone, the encoder and the losses.
 """
 
 import argparse
+import ctypes
+import ctypes.util
+import itertools
 import os
 import sys
 import time
@@ -44,6 +47,18 @@ def resident_memory_mb() -> float:
         except ImportError as error:
             raise RuntimeError("resident memory needs Linux /proc or the psutil package") from error
         return psutil.Process().memory_info().rss / 2**20
+
+
+def release_free_heap() -> bool:
+    """
+    Give the C heap's free memory back to the operating system (glibc ``malloc_trim``), so that
+    RSS shows what is allocated rather than what the allocator keeps; False where unavailable.
+    """
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        return False
+    return True
 
 
 def _sizes(max_side: int) -> List[Tuple[int, int]]:
@@ -108,14 +123,17 @@ def verdict(
 
 
 class _MemoryReport(HookBase):
-    def __init__(self, every: int, samples: List[Tuple[int, float]]):
+    def __init__(self, every: int, samples: List[Tuple[int, float]], *, trim: bool):
         self.every = every
         self.samples = samples
+        self.trim = trim
         self.start = time.perf_counter()
 
     def after_step(self) -> None:
         iteration = self.trainer.iter + 1
         if iteration % self.every == 0:
+            if self.trim:
+                release_free_heap()
             rss = resident_memory_mb()
             self.samples.append((iteration, rss))
             elapsed = time.perf_counter() - self.start
@@ -138,6 +156,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--crowd", type=int, default=150, help="boxes of a crowded image")
     parser.add_argument("--max-slope", type=float, default=5.0, help="MiB per 1000 iterations")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cycle through N fixed batches (memory then has no new shapes to adapt to)",
+    )
+    parser.add_argument(
+        "--malloc-trim",
+        action="store_true",
+        help="release the C heap's free memory before each measurement (glibc malloc_trim)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     return parser
 
@@ -153,15 +183,18 @@ def main(argv: Sequence[str] = None) -> int:
     model = build_model(cfg).train()
     cfg.optimizer.params.model = model
     clip = OmegaConf.select(cfg, "train.clip_grad.enabled", default=True)
+    batches = random_batches(
+        batch_size=args.batch_size,
+        max_side=args.max_side,
+        num_classes=int(cfg.model.num_classes),
+        crowd=args.crowd,
+        seed=args.seed,
+    )
+    if args.repeat > 0:
+        batches = itertools.cycle(list(itertools.islice(batches, args.repeat)))
     trainer = DETRTrainer(
         model,
-        random_batches(
-            batch_size=args.batch_size,
-            max_side=args.max_side,
-            num_classes=int(cfg.model.num_classes),
-            crowd=args.crowd,
-            seed=args.seed,
-        ),
+        batches,
         instantiate(cfg.optimizer),
         clip_grad_max_norm=(
             OmegaConf.select(cfg, "train.clip_grad.max_norm", default=0.1) if clip else None
@@ -172,11 +205,15 @@ def main(argv: Sequence[str] = None) -> int:
         ),
     )
     samples: List[Tuple[int, float]] = []
-    trainer.register_hooks([_MemoryReport(args.report_every, samples)])
+    if args.malloc_trim and not release_free_heap():
+        raise SystemExit("--malloc-trim needs glibc's malloc_trim, not found here")
+    trainer.register_hooks([_MemoryReport(args.report_every, samples, trim=args.malloc_trim)])
     print(
         f"[soak] {args.config_file}: {args.iterations} iterations of {args.batch_size} images "
         f"(sizes 1..{args.max_side}, extremes {_sizes(args.max_side)}, empty and crowded "
-        f"with {args.crowd} boxes); RSS every {args.report_every}, warm-up {warmup}"
+        f"with {args.crowd} boxes{f', {args.repeat} batches repeated' if args.repeat else ''}); "
+        f"RSS every {args.report_every}{' after malloc_trim' if args.malloc_trim else ''}, "
+        f"warm-up {warmup}"
     )
     print(f"[soak] RSS before training {resident_memory_mb():.1f} MiB")
     trainer.train(0, args.iterations)

@@ -39,9 +39,11 @@ def test_verdict_is_on_the_slope_after_warm_up():
     assert not stable and summary.startswith("no verdict")
 
 
-def test_a_short_soak_reports_memory_and_a_verdict(capsys):
+@pytest.mark.parametrize("options", [[], ["--repeat", "2", "--malloc-trim"]])
+def test_a_short_soak_reports_memory_and_a_verdict(capsys, options):
     status = soak.main(
-        [
+        options
+        + [
             "--config-file",
             str(DEMO_CONFIG),
             "--iterations",
@@ -58,6 +60,8 @@ def test_a_short_soak_reports_memory_and_a_verdict(capsys):
         ]
     )
     output = capsys.readouterr().out
+    if options:
+        assert "2 batches repeated" in output and "after malloc_trim" in output
     reports = re.findall(r"\[soak\] iteration +(\d+)  RSS +([\d.]+) MiB", output)
     assert [int(i) for i, _ in reports] == [1, 2, 3, 4]
     assert all(float(mb) > 10 for _, mb in reports)

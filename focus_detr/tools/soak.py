@@ -122,6 +122,12 @@ def verdict(
     return stable, summary
 
 
+def _remember_last(batches: Iterator[List[Dict]], last: List[List[Dict]]):
+    for batch in batches:
+        last[:] = [batch]
+        yield batch
+
+
 class _MemoryReport(HookBase):
     def __init__(self, every: int, samples: List[Tuple[int, float]], *, trim: bool):
         self.every = every
@@ -192,6 +198,8 @@ def main(argv: Sequence[str] = None) -> int:
     )
     if args.repeat > 0:
         batches = itertools.cycle(list(itertools.islice(batches, args.repeat)))
+    last_batch: List[List[Dict]] = []
+    batches = _remember_last(batches, last_batch)
     trainer = DETRTrainer(
         model,
         batches,
@@ -216,7 +224,15 @@ def main(argv: Sequence[str] = None) -> int:
         f"warm-up {warmup}"
     )
     print(f"[soak] RSS before training {resident_memory_mb():.1f} MiB")
-    trainer.train(0, args.iterations)
+    try:
+        trainer.train(0, args.iterations)
+    except Exception:
+        described = [(d["height"], d["width"], len(d["instances"])) for d in last_batch[0]]
+        print(
+            f"[soak] FAILED at iteration {trainer.iter} on a batch of (height, width, boxes) "
+            f"{described}"
+        )
+        raise
     stable, summary = verdict(samples, warmup=warmup, max_slope=args.max_slope)
     print(f"[soak] verdict: {summary}")
     return 0 if stable else 1

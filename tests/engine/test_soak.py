@@ -68,3 +68,25 @@ def test_a_short_soak_reports_memory_and_a_verdict(capsys, options):
     verdict = re.search(r"\[soak\] verdict: (STABLE|GROWING): .* slope ([-+][\d.]+) MiB", output)
     assert verdict, output
     assert status == (0 if verdict.group(1) == "STABLE" else 1)
+
+
+def test_a_failing_step_names_the_batch_it_failed_on(capsys, monkeypatch):
+    def fail_at_iteration_1(trainer):
+        batch = next(trainer._data_loader_iter)
+        if trainer.iter == 1:
+            raise ValueError("boom")
+        return batch
+
+    monkeypatch.setattr(soak.DETRTrainer, "run_step", fail_at_iteration_1)
+    argv = ["--config-file", str(DEMO_CONFIG), "--iterations", "3", "--max-side", "20"]
+    with pytest.raises(ValueError, match="boom"):
+        soak.main(argv)
+    expected = list(
+        itertools.islice(
+            soak.random_batches(batch_size=2, max_side=20, num_classes=6, crowd=150, seed=0), 2
+        )
+    )[1]
+    described = [(d["height"], d["width"], len(d["instances"])) for d in expected]
+    assert f"FAILED at iteration 1 on a batch of (height, width, boxes) {described}" in (
+        capsys.readouterr().out
+    )

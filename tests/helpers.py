@@ -10,7 +10,6 @@ in well under a second per step on small images.
 import importlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -258,12 +257,9 @@ def tiny_train_config(
 
 def import_train_net():
     """
-    Import the repository's train_net.py as the module ``train_net``. The repository root goes
-    on ``sys.path`` so that processes spawned by detectron2's ``launch`` can unpickle
-    ``train_net.main`` too.
+    Import the repository's train_net.py as the module ``train_net`` (the repository root is on
+    the path through pyproject.toml's pytest ``pythonpath``, in spawned processes too).
     """
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     return importlib.import_module("train_net")
 
 

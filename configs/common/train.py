@@ -14,5 +14,7 @@ train = dict(
     device="cuda",  # falls back to the CPU (with a warning) when CUDA is not available
     seed=-1,  # >= 0: deterministic shuffling, denoising noise and augmentation
     clip_grad=dict(enabled=True, max_norm=0.1),
+    # N > 0: skip up to N NaN/inf-loss steps in a row (no update), then stop; 0: stop at the first
+    skip_nonfinite=dict(max_consecutive=0),
     ema=dict(enabled=False, decay=0.9998, warmup=2000),
 )

@@ -29,6 +29,7 @@ from detectron2.structures import Boxes, Instances
 from omegaconf import OmegaConf
 
 from focus_detr.engine import DETRTrainer, build_model
+from focus_detr.engine.precision import amp_from_config
 
 __all__ = ["main", "random_batches", "resident_memory_mb", "verdict"]
 
@@ -200,6 +201,7 @@ def main(argv: Sequence[str] = None) -> int:
         batches = itertools.cycle(list(itertools.islice(batches, args.repeat)))
     last_batch: List[List[Dict]] = []
     batches = _remember_last(batches, last_batch)
+    amp = amp_from_config(cfg, next(model.parameters()).device)
     trainer = DETRTrainer(
         model,
         batches,
@@ -207,7 +209,8 @@ def main(argv: Sequence[str] = None) -> int:
         clip_grad_max_norm=(
             OmegaConf.select(cfg, "train.clip_grad.max_norm", default=0.1) if clip else None
         ),
-        amp=OmegaConf.select(cfg, "train.amp.enabled", default=False),
+        amp=amp.enabled,
+        amp_dtype=amp.dtype,
         max_consecutive_nonfinite=OmegaConf.select(
             cfg, "train.skip_nonfinite.max_consecutive", default=0
         ),

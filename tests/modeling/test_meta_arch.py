@@ -234,3 +234,24 @@ def test_levels_inconsistent_with_the_neck_raise(module, key, value):
     (cfg[module] if module else cfg)[key] = value
     with pytest.raises(ValueError, match="num_levels"):
         FocusDETR(**_parts(cfg))
+
+
+def test_tiny_batches_are_padded_to_two_coarse_cells():
+    model = _build("focus").eval()
+    images = model.preprocess_image(make_batched_inputs(((16, 16), (1, 40)), [[], []]))
+    min_size = 2 * max(model.strides)
+    assert tuple(images.tensor.shape[-2:]) == (min_size, min_size)
+    assert list(images.image_sizes) == [(16, 16), (1, 40)]
+    large = model.preprocess_image(make_batched_inputs(((200, 250),), [[]]))
+    assert tuple(large.tensor.shape[-2:]) == (200, 250)
+
+
+def test_bfloat16_autocast_step_on_tiny_images(tiny_model):
+    # a 77x20 image next to a 1x1 one gave NaN in oneDNN's bfloat16 convolutions of one-cell
+    # wide feature maps before the batch was padded to two coarse cells
+    inputs = make_batched_inputs(((77, 20), (1, 1)), [[[1, 1, 10, 50]], [[0, 0, 1, 1]]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = tiny_model(inputs)
+    _check_losses(losses, tiny_model)
+    sum(losses.values()).backward()
+    _check_gradients(tiny_model)

@@ -44,7 +44,8 @@ def test_neck_projection_by_hand():
         neck.projections[0][0].bias.zero_()
     x = torch.tensor([[[[1.0, 3.0]]]])  # (1, 1, 1, 2)
     (out,) = neck({"a": x})
-    # conv gives [[2, 6], [-1, -3]]; one GroupNorm group over all 4 values: mean 1, var (1 + 25 + 4 + 16) / 4 = 11.5
+    # conv gives [[2, 6], [-1, -3]]; one GroupNorm group over all 4 values:
+    # mean 1, variance (1 + 25 + 4 + 16) / 4 = 11.5
     values = torch.tensor([[2.0, 6.0], [-1.0, -3.0]])
     expected = (values - 1.0) / math.sqrt(11.5 + 1e-5)
     torch.testing.assert_close(out[0, :, 0], expected)

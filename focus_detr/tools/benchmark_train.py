@@ -23,13 +23,13 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 from omegaconf import OmegaConf
 
 from focus_detr.engine import DETRTrainer, ModelEMA, build_model, build_resumable_train_loader
+from focus_detr.engine.checkpoint import SafeCheckpointer
 from focus_detr.engine.precision import resolve_amp
 from focus_detr.tools.benchmark_report import TimedRun, format_report
 from focus_detr.tools.machine import describe_machine
@@ -178,7 +178,7 @@ def run(cfg, args) -> str:
     runs: List[TimedRun] = []
     if args.inference:
         if args.weights:
-            DetectionCheckpointer(model).load(args.weights)
+            SafeCheckpointer(model).load(args.weights)
         model.eval()
         inputs, described = _inference_inputs(cfg, args)
         weights = f"weights {args.weights}" if args.weights else "random weights"

@@ -15,6 +15,7 @@ from .token_selection import (
     SCORE_PRODUCTS,
     check_keep_ratio,
     compute_token_budgets,
+    fill_padding_with_minimum,
     fine_grained_scores,
 )
 
@@ -174,9 +175,7 @@ class FocusEncoder(DETREncoder):
             (features.tokens + features.pos).masked_fill(zeroed.unsqueeze(-1), 0.0)
         )
         logits = self.selector(selector_input, padding_mask, features.level_shapes)
-        smallest = logits.detach().masked_fill(padding_mask, float("inf")).min()
-        smallest = torch.where(smallest.isfinite(), smallest, torch.zeros_like(smallest))
-        return logits, torch.where(padding_mask, smallest, logits)
+        return logits, fill_padding_with_minimum(logits, padding_mask)
 
     def forward(
         self, features: FlattenedFeatures, shared_heads: Mapping[str, nn.Module]

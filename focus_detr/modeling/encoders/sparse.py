@@ -13,7 +13,11 @@ from .attention_map import decoder_attention_map, top_tokens_target
 from .base import DETREncoder, EncoderLossInputs
 from .deformable_layer import DeformableEncoderLayer
 from .foreground_selector import ForegroundTokenSelector
-from .token_selection import check_keep_ratio, compute_token_budgets
+from .token_selection import (
+    check_keep_ratio,
+    compute_token_budgets,
+    fill_padding_with_minimum,
+)
 
 __all__ = ["SparseEncoder"]
 
@@ -148,9 +152,7 @@ class SparseEncoder(DETREncoder):
             (tokens + features.pos).masked_fill(~features.proposal_valid.unsqueeze(-1), 0.0)
         )
         logits = self.scorer(scorer_input, padding_mask, features.level_shapes)
-        smallest = logits.detach().masked_fill(padding_mask, float("inf")).min()
-        smallest = torch.where(smallest.isfinite(), smallest, torch.zeros_like(smallest))
-        token_scores = torch.where(padding_mask, smallest, logits)
+        token_scores = fill_padding_with_minimum(logits, padding_mask)
 
         sizes, budgets = compute_token_budgets(
             (~padding_mask).sum(dim=1), self.keep_ratio, (1.0,) * self.num_layers

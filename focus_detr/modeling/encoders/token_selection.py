@@ -4,7 +4,13 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-__all__ = ["SCORE_PRODUCTS", "check_keep_ratio", "compute_token_budgets", "fine_grained_scores"]
+__all__ = [
+    "SCORE_PRODUCTS",
+    "check_keep_ratio",
+    "compute_token_budgets",
+    "fill_padding_with_minimum",
+    "fine_grained_scores",
+]
 
 SCORE_PRODUCTS = ("probability", "logit")
 
@@ -71,3 +77,14 @@ def fine_grained_scores(
     if mode == "logit":
         return best_class * foreground_logits
     raise ValueError(f"mode must be one of {SCORE_PRODUCTS}, got {mode!r}")
+
+
+def fill_padding_with_minimum(logits: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """
+    (B, N) selector logits with padded tokens set to the smallest valid logit of the batch (0
+    when there is none): finite values that never outrank a real token, for visualisation and
+    for losses. The fill is detached; valid entries keep their gradient.
+    """
+    smallest = logits.detach().masked_fill(padding_mask, float("inf")).min()
+    smallest = torch.where(smallest.isfinite(), smallest, torch.zeros_like(smallest))
+    return torch.where(padding_mask, smallest, logits)

@@ -16,6 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from focus_detr.engine import build_model, do_test, do_train, load_for_eval, wrap_ddp
+from focus_detr.engine.preflight import check_output_dir
 
 logger = logging.getLogger("detectron2")
 
@@ -23,6 +24,9 @@ logger = logging.getLogger("detectron2")
 def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if comm.is_main_process():
+        # before default_setup writes its log and config.yaml there
+        check_output_dir(cfg.train.output_dir)
     default_setup(cfg, args)
     # focus_detr's own messages (dataset generation progress, extension fallback) next to
     # detectron2's, on the console and in the output folder's log

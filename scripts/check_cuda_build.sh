@@ -3,9 +3,11 @@
 # Builds into a temporary directory (the in-place build of the source tree is left alone) and
 # exits non-zero when the compilation fails. Takes several minutes on 2 cores.
 #
-# Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0"),
-# KEEP_CUDA_BUILD=1 keeps the temporary directory.
+# Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST
+# (default "8.0;9.0"), KEEP_CUDA_BUILD=1 keeps the temporary directory.
 set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -26,7 +28,7 @@ echo "check_cuda_build: nvcc $("${CUDA_HOME}/bin/nvcc" --version | tail -n 1)," 
     "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}, build dir ${work_dir}"
 start=$(date +%s)
 cd "${repo_root}"
-if ! python3 setup.py build_ext --build-temp "${work_dir}/temp" --build-lib "${work_dir}/lib" \
+if ! "${PYTHON}" setup.py build_ext --build-temp "${work_dir}/temp" --build-lib "${work_dir}/lib" \
     > "${work_dir}/build.log" 2>&1; then
     tail -n 60 "${work_dir}/build.log" >&2
     echo "check_cuda_build: FAILED after $(( $(date +%s) - start )) s" >&2

@@ -8,53 +8,73 @@
 #   3. with --dev: pytest, black, isort, flake8,
 #   4. this package, editable, with its C++ (and, with a GPU or FORCE_CUDA=1, CUDA) extension,
 #      rebuilt when the kernel sources or the torch version changed.
-set -euo pipefail
+# Sourcing it defines focus_detr_setup and sets FOCUS_DETR_ROOT and PYTHON, nothing else: no shell
+# option (set -e, pipefail, ...) of the caller changes. focus_detr_setup runs its steps in a
+# subshell with `set -euo pipefail`; on failure it returns 1 (it never exits the caller's shell)
+# and on success sets PYTHON to the interpreter's absolute path. Every interpreter it runs is
+# $PYTHON.
 
 FOCUS_DETR_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-TORCH_PAIR="${FOCUS_DETR_TORCH_PAIR:-torch==2.14.1 torchvision==0.29.1}"
-
-_say() { echo "[setup] $*"; }
-_fail() {
-  echo "[setup] FAILED: $1" >&2
-  echo "[setup] what to do: $2" >&2
-  exit 1
-}
 
 focus_detr_setup() {
+  # absolute, so that checks can run from / (where this checkout cannot shadow the install)
+  local resolved
+  if ! resolved="$(command -v "$PYTHON" 2>/dev/null)"; then
+    echo "[setup] FAILED: no Python interpreter '$PYTHON'" >&2
+    echo "[setup] what to do: install Python >= 3.9 or set PYTHON=/path/to/python" >&2
+    return 1
+  fi
+  PYTHON="$(cd "$(dirname "$resolved")" && pwd)/$(basename "$resolved")"
+  (set -euo pipefail && _focus_detr_setup_steps "$@")
+}
+
+_focus_detr_say() { echo "[setup] $*"; }
+_focus_detr_fail() {
+  echo "[setup] FAILED: $1" >&2
+  echo "[setup] what to do: $2" >&2
+  exit 1 # the subshell of focus_detr_setup
+}
+
+_focus_detr_setup_steps() {
   local dev=0
   [ "${1:-}" = "--dev" ] && dev=1
-  command -v "$PYTHON" >/dev/null 2>&1 \
-    || _fail "no Python interpreter '$PYTHON'" "install Python >= 3.9 or set PYTHON=/path/to/python"
-  # absolute, so that checks can run from / (where this checkout cannot shadow the install)
-  PYTHON="$(cd "$(dirname "$(command -v "$PYTHON")")" && pwd)/$(basename "$(command -v "$PYTHON")")"
+  local TORCH_PAIR="${FOCUS_DETR_TORCH_PAIR:-torch==2.14.1 torchvision==0.29.1}"
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
-    || _fail "$("$PYTHON" --version 2>&1) is too old" "use Python >= 3.9 (set PYTHON=...)"
+    || _focus_detr_fail "$("$PYTHON" --version 2>&1) is too old" "use Python >= 3.9 (set PYTHON=...)"
 
   # 1. torch + torchvision whose compiled ops load together.
   if "$PYTHON" -c 'import torch, torchvision
 from torchvision.ops import nms
 nms(torch.zeros(1, 4), torch.zeros(1), 0.5)' >/dev/null 2>&1; then
-    _say "torch/torchvision: $("$PYTHON" -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)' 2>/dev/null) (kept)"
-  else
-    _say "torch/torchvision missing or their compiled ops do not load: installing $TORCH_PAIR"
+    _focus_detr_say "torch/torchvision: $("$PYTHON" -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)' 2>/dev/null) (kept)"
+  elif [ -n "${FOCUS_DETR_TORCH_PAIR:-}" ]; then
+    _focus_detr_say "torch/torchvision missing or their compiled ops do not load: installing $TORCH_PAIR (FOCUS_DETR_TORCH_PAIR, not hash-checked)"
     # shellcheck disable=SC2086
     "$PYTHON" -m pip install --quiet $TORCH_PAIR \
-      || _fail "pip install $TORCH_PAIR" "check the network/pip index, or install a matching torch/torchvision pair yourself and rerun"
+      || _focus_detr_fail "pip install $TORCH_PAIR" "check the network/pip index, or install a matching torch/torchvision pair yourself and rerun"
+  else
+    _focus_detr_say "torch/torchvision missing or their compiled ops do not load: installing $TORCH_PAIR, wheels checked against scripts/requirements-torch.txt"
+    "$PYTHON" -m pip install --quiet --require-hashes --no-deps -r "$FOCUS_DETR_ROOT/scripts/requirements-torch.txt" \
+      || _focus_detr_fail "pip install --require-hashes -r scripts/requirements-torch.txt" "a hash mismatch means the downloaded wheels are not the pinned ones; without a wheel for this Python/platform install a torch/torchvision pair yourself (or set FOCUS_DETR_TORCH_PAIR) and rerun"
+    # their dependencies, at the versions the verified wheels' metadata pins
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pip install --quiet $TORCH_PAIR \
+      || _focus_detr_fail "pip install the dependencies of $TORCH_PAIR" "check the network/pip index and rerun"
   fi
 
   # 2. detectron2 (fills in only what is missing).
   "$PYTHON" "$FOCUS_DETR_ROOT/scripts/install_detectron2.py" \
-    || _fail "installing detectron2" "install detectron2 from source (https://github.com/facebookresearch/detectron2) and rerun"
+    || _focus_detr_fail "installing detectron2" "install detectron2 from source (https://github.com/facebookresearch/detectron2) and rerun"
   "$PYTHON" -c 'import detectron2.config, detectron2.engine, detectron2.evaluation' >/dev/null 2>&1 \
-    || _fail "detectron2 is installed but does not import" "run: $PYTHON -c 'import detectron2.engine' to see the error"
+    || _focus_detr_fail "detectron2 is installed but does not import" "run: $PYTHON -c 'import detectron2.engine' to see the error"
 
   # 3. test and lint tools.
   if [ "$dev" = 1 ]; then
     if ! "$PYTHON" -c 'import pytest, black, isort, flake8' >/dev/null 2>&1; then
-      _say "installing pytest, black, isort, flake8"
+      _focus_detr_say "installing pytest, black, isort, flake8"
       "$PYTHON" -m pip install --quiet pytest black isort flake8 \
-        || _fail "pip install pytest black isort flake8" "install them yourself and rerun"
+        || _focus_detr_fail "pip install pytest black isort flake8" "install them yourself and rerun"
     fi
   fi
 
@@ -72,17 +92,17 @@ assert os.path.realpath(focus_detr.__file__).startswith(root + os.sep)
 assert extension_available()
 PY
   then
-    _say "focus_detr: installed from $FOCUS_DETR_ROOT with its extension (kept)"
+    _focus_detr_say "focus_detr: installed from $FOCUS_DETR_ROOT with its extension (kept)"
   else
-    _say "building and installing focus_detr (editable) with its extension: takes a few minutes"
+    _focus_detr_say "building and installing focus_detr (editable) with its extension: takes a few minutes"
     (cd "$FOCUS_DETR_ROOT" && "$PYTHON" -m pip install --quiet --no-build-isolation -e .) \
-      || _fail "building the focus_detr extension" "read the compiler output above; FOCUS_DETR_NO_EXTENSION=1 installs the pure-PyTorch package"
+      || _focus_detr_fail "building the focus_detr extension" "read the compiler output above; FOCUS_DETR_NO_EXTENSION=1 installs the pure-PyTorch package"
     mkdir -p "$(dirname "$stamp_file")"
     echo "$stamp" >"$stamp_file"
   fi
   (cd / && "$PYTHON" -c 'import focus_detr.layers') \
-    || _fail "import focus_detr after installing it" "run: $PYTHON -c 'import focus_detr.layers' to see the error"
-  _say "ready"
+    || _focus_detr_fail "import focus_detr after installing it" "run: $PYTHON -c 'import focus_detr.layers' to see the error"
+  _focus_detr_say "ready"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -1,18 +1,13 @@
-"""Shared fixtures; the tiny models and inputs themselves live in ``tests/helpers.py``."""
+"""
+Shared fixtures; the tiny models and inputs themselves live in ``tests/helpers.py``, importable as
+``helpers`` because pyproject.toml's pytest ``pythonpath`` option puts ``tests/`` (and the
+repository root, for ``train_net``) on the path, in every import mode and in the processes that
+detectron2's ``launch`` spawns (they receive the parent's path).
+"""
 
-import sys
-from pathlib import Path
-
+import helpers
 import pytest
 import torch
-
-# `import helpers` from any test folder, in every pytest import mode, and in processes spawned by
-# detectron2's `launch` (they receive this sys.path).
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
-
-import helpers  # noqa: E402
 
 
 def pytest_report_header(config):

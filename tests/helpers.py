@@ -10,7 +10,6 @@ in well under a second per step on small images.
 import importlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -53,12 +52,22 @@ def shrink_model_config(model, *, num_classes: Optional[int] = 3, hidden_dim: in
     model.neck_num_groups = 8
     model.num_select = 10
     encoder = model.encoder
-    encoder.num_layers = 2
-    encoder.layer_keep_factors = (1.0, 0.5)
     encoder.num_heads = 4
     encoder.num_points = 2
     encoder.ffn_dim = 2 * hidden_dim
-    encoder.topk_sa = 16
+    # only the sizes this kind of encoder has
+    tiny_encoder = {
+        "num_layers": 2,
+        "layer_keep_factors": (1.0, 0.5),
+        "topk_sa": 16,
+        "keep_ratio": 0.5,
+        "low_ffn_dim": hidden_dim,
+        "high_updates_per_block": 1,
+        "num_blocks": 2,
+    }
+    for key, value in tiny_encoder.items():
+        if key in encoder:
+            encoder[key] = value
     decoder = model.decoder
     decoder.num_layers = 2
     decoder.num_heads = 4
@@ -69,10 +78,24 @@ def shrink_model_config(model, *, num_classes: Optional[int] = 3, hidden_dim: in
     return model
 
 
-def tiny_model_config(*, num_classes: int = 3, hidden_dim: int = 32):
-    """The LazyConfig node of a tiny Focus-DETR (see :func:`shrink_model_config`)."""
+# the R50 model configs of the encoders compared on one decoder
+ENCODER_MODEL_CONFIGS = {
+    "focus": R50_MODEL_CONFIG,
+    "dense": CONFIG_DIR / "common" / "models" / "dino_r50.py",
+    "sparse": CONFIG_DIR / "common" / "models" / "sparse_detr_r50.py",
+    "lite": CONFIG_DIR / "common" / "models" / "lite_detr_r50.py",
+}
+
+
+def tiny_model_config(*, num_classes: int = 3, hidden_dim: int = 32, encoder: str = "focus"):
+    """
+    The LazyConfig node of a tiny two-stage DETR (see :func:`shrink_model_config`) with the
+    ``encoder`` of :data:`ENCODER_MODEL_CONFIGS` ("focus", "dense", "sparse" or "lite").
+    """
     return shrink_model_config(
-        LazyConfig.load(str(R50_MODEL_CONFIG)).model, num_classes=num_classes, hidden_dim=hidden_dim
+        LazyConfig.load(str(ENCODER_MODEL_CONFIGS[encoder])).model,
+        num_classes=num_classes,
+        hidden_dim=hidden_dim,
     )
 
 
@@ -221,6 +244,8 @@ def tiny_train_config(
     test_loader.num_workers = 0
     cfg.train.output_dir = os.fspath(output_dir)
     cfg.train.device = "cpu"
+    # fixed float32: "auto" would depend on a timing, and seeded runs must reproduce exactly
+    cfg.train.amp.enabled = False
     cfg.train.seed = seed
     cfg.train.max_iter = max_iter
     cfg.train.eval_period = max_iter
@@ -232,12 +257,9 @@ def tiny_train_config(
 
 def import_train_net():
     """
-    Import the repository's train_net.py as the module ``train_net``. The repository root goes
-    on ``sys.path`` so that processes spawned by detectron2's ``launch`` can unpickle
-    ``train_net.main`` too.
+    Import the repository's train_net.py as the module ``train_net`` (the repository root is on
+    the path through pyproject.toml's pytest ``pythonpath``, in spawned processes too).
     """
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     return importlib.import_module("train_net")
 
 

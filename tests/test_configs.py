@@ -22,7 +22,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Configs of other backbones (RegNet, Swin, ViT, ...) are tested by their authors: this file only
 # knows how to shrink the ResNet configs and the demo.
-_CONFIG_NAME = re.compile(r"^focus_detr_(r50_4scale_\d+ep|r101_4scale_\d+ep|demo_\w+)\.py$")
+_CONFIG_NAME = re.compile(
+    r"^(focus_detr|dino|sparse_detr|lite_detr)_(r50_4scale_\d+ep|r101_4scale_\d+ep|demo_\w+)\.py$"
+)
 CONFIG_FILES = sorted(name for name in os.listdir(CONFIG_DIR) if _CONFIG_NAME.match(name))
 COCO_CONFIGS = [name for name in CONFIG_FILES if "demo" not in name]
 ITERS_PER_EPOCH = 7500  # 16-image batches in one COCO epoch
@@ -32,6 +34,27 @@ COCO_SCHEDULES = {12: 11, 24: 20, 36: 30}
 
 def _load(name):
     return LazyConfig.load(str(CONFIG_DIR / name))
+
+
+ENCODER_CONFIGS = {
+    "focus": "focus_detr_{}.py",
+    "dense": "dino_{}.py",
+    "sparse": "sparse_detr_{}.py",
+    "lite": "lite_detr_{}.py",
+}
+
+
+@pytest.mark.parametrize("variant", ["r50_4scale_12ep", "demo_shapes"])
+def test_encoder_configs_differ_only_in_the_encoder(variant):
+    """The comparison is fair: data, schedule, backbone, decoder and losses are shared."""
+    focus = _load(ENCODER_CONFIGS["focus"].format(variant))
+    for kind, pattern in ENCODER_CONFIGS.items():
+        other = _load(pattern.format(variant))
+        for cfg in (focus, other):
+            cfg.model.pop("encoder")
+            cfg.train.output_dir = "./output"
+        assert LazyConfig.to_py(other) == LazyConfig.to_py(focus), kind
+        focus = _load(ENCODER_CONFIGS["focus"].format(variant))
 
 
 def test_all_expected_configs_are_found():
@@ -53,7 +76,7 @@ def test_config_loads_with_every_section(name):
 
 @pytest.mark.parametrize("name", COCO_CONFIGS)
 def test_coco_config_schedule_and_backbone(name):
-    match = re.match(r"focus_detr_r(\d+)_4scale_(\d+)ep\.py", name)
+    match = re.match(r"\w+_r(\d+)_4scale_(\d+)ep\.py", name)
     depth, epochs = int(match.group(1)), int(match.group(2))
     cfg = _load(name)
     assert cfg.model.backbone.stages.depth == depth

@@ -4,7 +4,9 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",
     max_iter=90000,
-    amp=dict(enabled=False),  # float16 on CUDA, bfloat16 on CPU
+    # True / False / "auto": on the CPU "auto" uses bfloat16 where it is measured faster; on CUDA
+    # True and "auto" use bfloat16 from compute capability 8.0, float16 + grad scaler before
+    amp=dict(enabled=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=5000,
@@ -12,5 +14,7 @@ train = dict(
     device="cuda",  # falls back to the CPU (with a warning) when CUDA is not available
     seed=-1,  # >= 0: deterministic shuffling, denoising noise and augmentation
     clip_grad=dict(enabled=True, max_norm=0.1),
+    # N > 0: skip up to N NaN/inf-loss steps in a row (no update), then stop; 0: stop at the first
+    skip_nonfinite=dict(max_consecutive=0),
     ema=dict(enabled=False, decay=0.9998, warmup=2000),
 )

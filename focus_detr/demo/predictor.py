@@ -6,11 +6,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.structures import Instances
+
+from focus_detr.engine.checkpoint import SafeCheckpointer
 
 __all__ = ["TokenSelection", "Prediction", "FocusDETRPredictor", "load_config"]
 
@@ -85,7 +86,7 @@ class FocusDETRPredictor:
         self.model = instantiate(cfg.model)
         self.model.to(torch.device(device))
         self.model.eval()
-        DetectionCheckpointer(self.model).load(weights)
+        SafeCheckpointer(self.model).load(weights)
         mapper = cfg.dataloader.test.get("mapper", {}) if "dataloader" in cfg else {}
         self.augmentations = T.AugmentationList(
             [instantiate(aug) for aug in mapper.get("augmentations", [])]

@@ -1,18 +1,26 @@
-from .data_loader import ResumableTrainingSampler, build_resumable_train_loader
+from .checkpoint import CheckpointError, SafeCheckpointer
+from .data_loader import SampleLoadError, build_resumable_train_loader
 from .ema import ModelEMA
-from .hooks import RNGStateHook
+from .hooks import IterationSeedHook
+from .nonfinite import NonFiniteLossError
+from .preflight import PreflightError, run_preflight
 from .train_loop import build_model, do_test, do_train, load_for_eval, wrap_ddp
 from .trainer import DETRTrainer
 
 __all__ = [
+    "CheckpointError",
     "DETRTrainer",
+    "IterationSeedHook",
     "ModelEMA",
-    "RNGStateHook",
-    "ResumableTrainingSampler",
+    "NonFiniteLossError",
+    "PreflightError",
+    "SafeCheckpointer",
+    "SampleLoadError",
     "build_model",
     "build_resumable_train_loader",
     "do_test",
     "do_train",
     "load_for_eval",
+    "run_preflight",
     "wrap_ddp",
 ]

@@ -5,7 +5,6 @@ from collections import OrderedDict
 from typing import Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.engine import default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -13,9 +12,13 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import OmegaConf
 
+from .checkpoint import SafeCheckpointer, find_intact_checkpoint
 from .data_loader import build_resumable_train_loader
 from .ema import ModelEMA
-from .hooks import RNGStateHook
+from .hooks import IterationSeedHook
+from .nonfinite import NonFiniteLossError
+from .precision import amp_from_config
+from .preflight import run_preflight
 from .trainer import DETRTrainer
 
 __all__ = ["build_model", "do_test", "do_train", "load_for_eval", "wrap_ddp"]
@@ -57,10 +60,19 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
     """
     Train ``cfg.model`` as the config says and return the last evaluation's results.
 
+    Before anything is built, :func:`~focus_detr.engine.preflight.run_preflight` checks the
+    output directory, the dataset names, annotation files and images.
+
     With ``resume=True`` the last checkpoint of ``cfg.train.output_dir`` is loaded with the
-    iteration, optimizer, LR schedule, grad scaler, EMA and random states, and the data stream
-    continues after the samples already seen.
+    iteration, optimizer, LR schedule, grad scaler, EMA and run seed; the data stream continues
+    with the batches an uninterrupted run would have seen, and every step's randomness derives
+    from (seed, rank, iteration): with a fixed seed the resumed run equals the uninterrupted one.
+
+    A NaN or infinite loss stops training with :class:`NonFiniteLossError` naming the iteration,
+    the loss terms and the intact checkpoint to resume from (or skips up to
+    ``train.skip_nonfinite.max_consecutive`` such steps in a row).
     """
+    train_dataset = run_preflight(cfg, check_output=comm.is_main_process())
     model = build_model(cfg)
     logger.info(f"Model:\n{model}")
     cfg.optimizer.params.model = model
@@ -73,6 +85,7 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
             warmup=OmegaConf.select(cfg, "train.ema.warmup", default=2000),
         )
     ddp_model = wrap_ddp(model, **cfg.train.ddp)
+    amp = amp_from_config(cfg, next(model.parameters()).device)  # True, False or "auto"
     clip_enabled = OmegaConf.select(cfg, "train.clip_grad.enabled", default=True)
     trainer = DETRTrainer(
         ddp_model,
@@ -81,13 +94,15 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
         clip_grad_max_norm=(
             OmegaConf.select(cfg, "train.clip_grad.max_norm", default=0.1) if clip_enabled else None
         ),
-        amp=OmegaConf.select(cfg, "train.amp.enabled", default=False),
+        amp=amp.enabled,
+        amp_dtype=amp.dtype,
         ema=ema,
+        max_consecutive_nonfinite=OmegaConf.select(
+            cfg, "train.skip_nonfinite.max_consecutive", default=0
+        ),
     )
     checkpointables = {"ema": ema} if ema is not None else {}
-    checkpointer = DetectionCheckpointer(
-        model, cfg.train.output_dir, trainer=trainer, **checkpointables
-    )
+    checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer, **checkpointables)
     results: OrderedDict = OrderedDict()
 
     def evaluate() -> OrderedDict:
@@ -97,6 +112,8 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
 
     trainer.register_hooks(
         [
+            # first: seeds the step's randomness before any other hook's before_step
+            IterationSeedHook(),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (
@@ -113,13 +130,11 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
                 if comm.is_main_process()
                 else None
             ),
-            # last: restores the random states of a resumed run after every other before_train
-            RNGStateHook(),
         ]
     )
     seed = OmegaConf.select(cfg, "train.seed", default=-1)
-    # One shuffling seed for all processes; a resumed run takes the one of its checkpoint.
-    trainer.data_seed = seed if seed is not None and seed >= 0 else comm.shared_random_seed()
+    # One run seed for all processes; a resumed run takes the one of its checkpoint.
+    trainer.seed = seed if seed is not None and seed >= 0 else comm.shared_random_seed()
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     if ema is not None and ema.updates == 0:
         # The average was copied from the model before the initial checkpoint (or a resumed
@@ -127,10 +142,29 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
         ema.copy_from(model)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.data_loader = build_resumable_train_loader(
-        cfg.dataloader.train, start_iter=start_iter, seed=trainer.data_seed
+        cfg.dataloader.train, start_iter=start_iter, seed=trainer.seed, dataset=train_dataset
     )
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except NonFiniteLossError as error:
+        if not comm.is_main_process():
+            raise
+        raise NonFiniteLossError(f"{error}. {_resume_advice(checkpointer)}", error.iteration)
     return results
+
+
+def _resume_advice(checkpointer: SafeCheckpointer) -> str:
+    """Which checkpoint a run stopped by a non-finite loss resumes from (checked to load)."""
+    path = find_intact_checkpoint(checkpointer)
+    if path is None:
+        return f"No intact checkpoint in {checkpointer.save_dir}: a new run starts from scratch"
+    last = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else None
+    if path == last:
+        return f"The last checkpoint {path} is intact: --resume continues from it"
+    return (
+        f"The newest intact checkpoint is {path}: write its file name into "
+        f"{checkpointer.save_dir}/last_checkpoint, then --resume continues from it"
+    )
 
 
 def load_for_eval(cfg, model: torch.nn.Module, checkpoint: Optional[str] = None) -> None:
@@ -138,7 +172,7 @@ def load_for_eval(cfg, model: torch.nn.Module, checkpoint: Optional[str] = None)
     path = checkpoint or cfg.train.init_checkpoint
     if not path:
         logger.warning("No checkpoint to evaluate (train.init_checkpoint is empty)")
-    extra = DetectionCheckpointer(model).load(path)
+    extra = SafeCheckpointer(model).load(path)
     if OmegaConf.select(cfg, "train.ema.enabled", default=False) and "ema" in extra:
         model.load_state_dict(extra["ema"]["model"])
         logger.info(f"Loaded the EMA weights of {path}")

@@ -185,6 +185,7 @@ class SetCriterion(nn.Module):
         *,
         suffix: str = "",
         num_boxes: Optional[torch.Tensor] = None,
+        valid_mask: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Hungarian-match one output set to the targets and return its WEIGHTED losses, named
@@ -197,11 +198,15 @@ class SetCriterion(nn.Module):
             targets: B dicts with "labels" (M_i,) and "boxes" (M_i, 4).
             suffix: appended to the loss names, e.g. "_enc_aux_0".
             num_boxes: normalizer; default :meth:`num_boxes` of the targets.
+            valid_mask: optional (B, Q) bool: predictions where it is False get no class loss
+                and are matched only when an image has fewer valid predictions than boxes.
         """
         if num_boxes is None:
             num_boxes = self.num_boxes(targets, pred_logits.device)
-        indices = self.matcher(pred_logits, pred_boxes, targets)
-        losses = self.set_losses(pred_logits, pred_boxes, targets, indices, num_boxes)
+        indices = self.matcher(pred_logits, pred_boxes, targets, valid_mask)
+        losses = self.set_losses(
+            pred_logits, pred_boxes, targets, indices, num_boxes, valid_mask=valid_mask
+        )
         return {name + suffix: value * self.weight(name + suffix) for name, value in losses.items()}
 
     def forward(

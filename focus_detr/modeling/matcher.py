@@ -1,6 +1,6 @@
 """One-to-one assignment of predictions to ground-truth boxes (focal class cost, L1, GIoU)."""
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -8,6 +8,10 @@ from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
 __all__ = ["HungarianMatcher"]
+
+# added to the cost of predictions that must not be matched while valid ones remain (the
+# matching costs themselves are O(10))
+_INVALID_COST = 1e6
 
 
 class HungarianMatcher(nn.Module):
@@ -92,12 +96,15 @@ class HungarianMatcher(nn.Module):
         pred_logits: torch.Tensor,
         pred_boxes: torch.Tensor,
         targets: List[Dict[str, torch.Tensor]],
+        valid_mask: Optional[torch.Tensor] = None,
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
             pred_logits: (B, Q, K) class logits.
             pred_boxes: (B, Q, 4) normalized cxcywh boxes.
             targets: B dicts with "labels" (M_i,) int64 and "boxes" (M_i, 4) normalized cxcywh.
+            valid_mask: optional (B, Q) bool; predictions where it is False are matched only
+                when an image has fewer valid predictions than boxes.
 
         Returns:
             B pairs ``(pred_idx, tgt_idx)`` of int64 tensors of length min(Q, M_i) on the
@@ -123,7 +130,10 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_matrix(pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), all_targets)
         if not torch.isfinite(cost).all():
             raise ValueError("the matching cost has NaN or inf entries (non-finite predictions?)")
-        cost = cost.view(batch, num_queries, -1).cpu()
+        cost = cost.view(batch, num_queries, -1)
+        if valid_mask is not None:
+            cost = cost + (~valid_mask).to(cost.dtype)[..., None] * _INVALID_COST
+        cost = cost.cpu()
         indices = []
         for image, image_cost in enumerate(cost.split(sizes, dim=-1)):
             if sizes[image] == 0:

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.modeling import Backbone, detector_postprocess
 from detectron2.structures import ImageList
 from torch import nn
@@ -169,9 +170,18 @@ class TwoStageDETR(nn.Module):
             # ImageList would crop the image silently (negative padding)
             sizes = [tuple(image.shape[-2:]) for image in images]
             raise ValueError(f"images {sizes} do not fit the backbone's square_size={square_size}")
-        return ImageList.from_tensors(
+        images = ImageList.from_tensors(
             images, _size_divisibility(self.backbone), padding_constraints=padding_constraints
         )
+        # Pad a batch of tiny images to two cells of the coarsest level per side: no feature map
+        # is then one cell wide, where oneDNN's bfloat16 convolution returned NaN for some
+        # weights (torch 2.14, CPU). Larger batches are unchanged, so is any image's result.
+        min_size = 2 * max(self.neck.strides)
+        height, width = images.tensor.shape[-2:]
+        if height < min_size or width < min_size:
+            padding = (0, max(0, min_size - width), 0, max(0, min_size - height))
+            images = ImageList(F.pad(images.tensor, padding), images.image_sizes)
+        return images
 
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 3 or image.shape[0] != 3:

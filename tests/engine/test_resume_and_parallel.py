@@ -29,10 +29,9 @@ def test_resume_continues_iterations_schedule_random_streams_and_losses(
     """
     Run 4 iterations; run 2, interrupt, resume to 4. The resumed iterations must reproduce the
     uninterrupted ones exactly: iteration counter, LR (a cosine schedule, so every iteration has
-    its own LR), data order (sampler started after the samples already seen), augmentation
-    (random flips: NumPy state) and denoising noise (torch state) all continue. This needs no
-    loader workers (their random states are not checkpointed) and no aspect-ratio grouping
-    (its buckets may hold images of the next batch, which a checkpoint does not keep).
+    its own LR), data order (with aspect-ratio grouping, whose buckets hold images back across
+    the checkpoint), augmentation (random flips, drawn in two loader workers) and denoising
+    noise all continue. (A real SIGKILL of train_net.py: test_kill_and_resume.py.)
     """
     first, total = 2, 4
     records = {}
@@ -54,6 +53,8 @@ def test_resume_continues_iterations_schedule_random_streams_and_losses(
 
     def config(output_dir):
         cfg = tiny_train_config(output_dir, shapes.names, max_iter=total, flip=True)
+        cfg.dataloader.train.num_workers = 2
+        cfg.dataloader.train.aspect_ratio_grouping = True
         cfg.lr_multiplier.scheduler = L(CosineParamScheduler)(start_value=1.0, end_value=0.1)
         cfg.train.checkpointer.period = first
         cfg.train.ema = dict(TEST_EMA)

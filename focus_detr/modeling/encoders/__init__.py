@@ -14,6 +14,8 @@ from .foreground_targets import (
     foreground_loss,
     overlapping_size_ranges,
 )
+from .lite import LiteAllLevelLayer, LiteEncoder
+from .sparse import SparseEncoder
 
 __all__ = [
     "REFERENCE_SIZE_RANGES",
@@ -25,6 +27,9 @@ __all__ = [
     "FocusEncoderLayer",
     "ForegroundLoss",
     "ForegroundTokenSelector",
+    "LiteAllLevelLayer",
+    "LiteEncoder",
+    "SparseEncoder",
     "compute_foreground_targets",
     "default_size_ranges",
     "foreground_loss",

@@ -199,3 +199,11 @@ def test_foreground_loss_module_applies_weight():
         ForegroundLoss(num_levels=2, ranges=[(-1, 8), (8, math.inf)], weight=-1)
     with pytest.raises(ValueError, match="one size range per level"):
         ForegroundLoss(num_levels=3, ranges=[(-1, 8), (8, math.inf)])
+
+
+def test_benchmark_script_runs(capsys):
+    from focus_detr.tools import benchmark_foreground_targets
+
+    benchmark_foreground_targets.main(["--boxes", "20", "--batch", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "1 images x 20 boxes" in out and "22223 tokens" in out and "median" in out

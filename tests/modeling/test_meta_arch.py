@@ -1,25 +1,64 @@
-"""Integration tests of the FocusDETR meta-architecture: a tiny model on tiny, odd-sized inputs."""
+"""
+Integration tests of the two-stage DETR meta-architecture with every encoder: a tiny model on
+tiny, odd-sized, empty and degenerate inputs, in training and inference.
+"""
 
 import pytest
 import torch
 from detectron2.config import instantiate
-from helpers import build_tiny_model, make_batched_inputs, tiny_model_config
+from helpers import make_batched_inputs, tiny_model_config
 
 from focus_detr.modeling import FocusDETR
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # The loss terms of one training step: last layer, the auxiliary layer (2 decoder layers), the
-# two-stage encoder output, denoising for both layers, and the foreground token selector.
-EXPECTED_LOSSES = {
+# two-stage encoder output, denoising for both layers; then each encoder's own: Focus's
+# foreground token selector, Sparse DETR's saliency loss and its auxiliary head after encoder
+# layer 0 (of 2).
+DETECTOR_LOSSES = {
     f"loss_{term}{suffix}"
     for term in ("class", "bbox", "giou")
     for suffix in ("", "_0", "_enc", "_dn", "_dn_0")
-} | {"loss_foreground"}
+}
+ENCODER_LOSSES = {
+    "focus": {"loss_foreground"},
+    "dense": set(),
+    "sparse": {"loss_saliency"} | {f"loss_{t}_enc_aux_0" for t in ("class", "bbox", "giou")},
+    "lite": set(),
+    "lite_key_aware": set(),
+}
 
 
-def _check_losses(losses):
-    assert set(losses) == EXPECTED_LOSSES
+def _build(kind: str, seed: int = 0):
+    cfg = tiny_model_config(encoder=kind.replace("_key_aware", ""))
+    if kind == "lite_key_aware":
+        cfg.encoder.key_aware = True
+    torch.manual_seed(seed)
+    return instantiate(cfg)
+
+
+@pytest.fixture(params=list(ENCODER_LOSSES))
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(kind):
+    return _build(kind).train()
+
+
+ENCODER_CLASS_LOSSES = {
+    "FocusEncoder": ENCODER_LOSSES["focus"],
+    "DenseEncoder": ENCODER_LOSSES["dense"],
+    "SparseEncoder": ENCODER_LOSSES["sparse"],
+    "LiteEncoder": ENCODER_LOSSES["lite"],
+}
+
+
+def _check_losses(losses, model):
+    expected = DETECTOR_LOSSES | ENCODER_CLASS_LOSSES[type(model.encoder).__name__]
+    assert set(losses) == expected, sorted(set(losses) ^ expected)
     for name, value in losses.items():
         assert value.dim() == 0, f"{name} has shape {tuple(value.shape)}"
         assert torch.isfinite(value), f"{name} = {value}"
@@ -38,7 +77,7 @@ def _train_step(model, inputs):
     model.train()
     model.zero_grad(set_to_none=True)
     losses = model(inputs)
-    _check_losses(losses)
+    _check_losses(losses, model)
     sum(losses.values()).backward()
     _check_gradients(model)
     return losses
@@ -71,7 +110,7 @@ def test_all_images_empty_gives_finite_losses(tiny_model):
     inputs = make_batched_inputs(boxes=[[], []])
     tiny_model.train()
     losses = tiny_model(inputs)
-    _check_losses(losses)
+    _check_losses(losses, tiny_model)
     # no box, nothing matched: the box losses are exactly zero, the class losses are not
     assert losses["loss_bbox"] == 0 and losses["loss_giou_dn"] == 0
     assert losses["loss_class"] > 0
@@ -82,8 +121,8 @@ def test_every_parameter_gets_a_gradient_without_boxes(tiny_model):
     _train_step(tiny_model, make_batched_inputs(boxes=[[], []]))
 
 
-def test_eval_odd_sizes_in_original_coordinates(tiny_batched_inputs):
-    model = build_tiny_model().eval()
+def test_eval_odd_sizes_in_original_coordinates(kind, tiny_batched_inputs):
+    model = _build(kind).eval()
     with torch.no_grad():
         outputs = model(tiny_batched_inputs)
     _check_predictions(outputs, tiny_batched_inputs)
@@ -105,8 +144,8 @@ def test_eval_odd_sizes_in_original_coordinates(tiny_batched_inputs):
         torch.testing.assert_close(scaled.pred_boxes.tensor, 2 * plain.pred_boxes.tensor)
 
 
-def test_eval_without_original_size_and_without_instances():
-    model = build_tiny_model().eval()
+def test_eval_without_original_size_and_without_instances(kind):
+    model = _build(kind).eval()
     inputs = [{"image": x["image"]} for x in make_batched_inputs()]
     with torch.no_grad():
         outputs = model(inputs)
@@ -118,11 +157,18 @@ def test_eval_without_original_size_and_without_instances():
     [
         (((64, 64), (32, 200)), [[[4, 6, 40, 50]], [[10, 2, 150, 30], [0, 0, 20, 20]]]),
         (((32, 200), (64, 64)), [[], [[30, 10, 60, 64]]]),
+        # smaller than the largest stride (64), alone and next to a normal image
+        (((16, 16),), [[[2, 3, 12, 14]]]),
+        (((16, 16), (96, 80)), [[[2, 3, 12, 14]], [[5, 5, 60, 70]]]),
+        # thin strips and a single pixel
+        (((8, 400), (400, 8)), [[[10, 1, 200, 7]], [[1, 10, 7, 300]]]),
+        (((1, 1),), [[]]),
+        (((1, 1), (48, 64)), [[[0, 0, 1, 1]], [[4, 4, 40, 30]]]),
     ],
 )
 def test_small_images_train_and_infer(tiny_model, sizes, boxes):
-    # Images smaller than topk_sa and than the query count of the reference on some levels; the
-    # 32-pixel side gives a 1-row stride-32 level and a 1-row stride-64 level.
+    # Images smaller than topk_sa, the query count and the largest stride; a 32-pixel side gives
+    # a 1-row stride-32 level and a 1-row stride-64 level, a 1-pixel image one cell per level.
     inputs = make_batched_inputs(sizes, boxes)
     _train_step(tiny_model, inputs)
     tiny_model.eval()
@@ -140,9 +186,9 @@ def test_degenerate_boxes_do_not_give_nan(tiny_model):
     _train_step(tiny_model, make_batched_inputs(boxes=boxes))
 
 
-def test_training_is_reproducible_with_the_same_seed(tiny_batched_inputs):
+def test_training_is_reproducible_with_the_same_seed(kind, tiny_batched_inputs):
     # Denoising noise is the only randomness of a step: same seed, same losses.
-    model = build_tiny_model().train()
+    model = _build(kind).train()
     torch.manual_seed(3)
     first = model(tiny_batched_inputs)
     torch.manual_seed(3)
@@ -188,3 +234,24 @@ def test_levels_inconsistent_with_the_neck_raise(module, key, value):
     (cfg[module] if module else cfg)[key] = value
     with pytest.raises(ValueError, match="num_levels"):
         FocusDETR(**_parts(cfg))
+
+
+def test_tiny_batches_are_padded_to_two_coarse_cells():
+    model = _build("focus").eval()
+    images = model.preprocess_image(make_batched_inputs(((16, 16), (1, 40)), [[], []]))
+    min_size = 2 * max(model.strides)
+    assert tuple(images.tensor.shape[-2:]) == (min_size, min_size)
+    assert list(images.image_sizes) == [(16, 16), (1, 40)]
+    large = model.preprocess_image(make_batched_inputs(((200, 250),), [[]]))
+    assert tuple(large.tensor.shape[-2:]) == (200, 250)
+
+
+def test_bfloat16_autocast_step_on_tiny_images(tiny_model):
+    # a 77x20 image next to a 1x1 one gave NaN in oneDNN's bfloat16 convolutions of one-cell
+    # wide feature maps before the batch was padded to two coarse cells
+    inputs = make_batched_inputs(((77, 20), (1, 1)), [[[1, 1, 10, 50]], [[0, 0, 1, 1]]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = tiny_model(inputs)
+    _check_losses(losses, tiny_model)
+    sum(losses.values()).backward()
+    _check_gradients(tiny_model)

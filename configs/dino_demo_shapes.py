@@ -1,0 +1,17 @@
+# The demo (focus_detr_demo_shapes.py) with the dense DINO encoder: same data, schedule, backbone,
+# decoder and sizes (128 channels, 4 heads, 3 layers, FFN 256); every layer updates every token.
+from detectron2.config import LazyCall as L
+
+from focus_detr.modeling import DenseEncoder
+
+from .focus_detr_demo_shapes import dataloader, lr_multiplier, model, optimizer, train
+
+model.encoder = L(DenseEncoder)(
+    embed_dim="${..hidden_dim}",
+    num_layers=3,
+    num_heads=4,
+    num_levels=4,
+    num_points=4,
+    ffn_dim=256,
+)
+train.output_dir = "./output/dino_demo_shapes"

@@ -1,0 +1,22 @@
+# The demo (focus_detr_demo_shapes.py) with Lite DETR's encoder: same data, schedule, backbone,
+# decoder and sizes (128 channels, 4 heads, FFN 256); H3L1-(2+1)x1 = 3 layers, key-aware
+# attention with model.encoder.key_aware=True.
+from detectron2.config import LazyCall as L
+
+from focus_detr.modeling import LiteEncoder
+
+from .focus_detr_demo_shapes import dataloader, lr_multiplier, model, optimizer, train
+
+model.encoder = L(LiteEncoder)(
+    embed_dim="${..hidden_dim}",
+    num_heads=4,
+    num_levels=4,
+    num_points=4,
+    ffn_dim=256,
+    low_ffn_dim=128,
+    num_high_levels=3,
+    high_updates_per_block=2,
+    num_blocks=1,
+    key_aware=False,
+)
+train.output_dir = "./output/lite_detr_demo_shapes"

@@ -1,0 +1,245 @@
+"""
+Memory soak test of training (not part of CI): many iterations of a config's model, optimizer
+and training step on batches of random image sizes (tiny and thin ones such as 1x1, 16x16,
+8xL and Lx8 included), empty images and crowded images, with the process's resident memory
+(RSS) printed every K iterations and a verdict on its slope after warm-up.
+
+    python -m focus_detr.tools.soak --iterations 2000 --report-every 50
+    python -m focus_detr.tools.soak --config-file CFG --iterations 500 train.amp.enabled=False
+
+Exit status 0 when the memory stays flat after warm-up (slope at most ``--max-slope`` MB per
+1000 iterations), 1 when it grows. The images go to the model as drawn (no resizing), so the
+sizes above really reach the backbone, the encoder and the losses.
+"""
+
+import argparse
+import ctypes
+import ctypes.util
+import itertools
+import os
+import sys
+import time
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import HookBase
+from detectron2.structures import Boxes, Instances
+from omegaconf import OmegaConf
+
+from focus_detr.engine import DETRTrainer, build_model
+from focus_detr.engine.precision import amp_from_config
+
+__all__ = ["main", "random_batches", "resident_memory_mb", "verdict"]
+
+DEFAULT_CONFIG = "configs/focus_detr_demo_shapes.py"
+
+
+def resident_memory_mb() -> float:
+    """This process's resident memory in MiB (Linux ``/proc``, else psutil)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        try:
+            import psutil
+        except ImportError as error:
+            raise RuntimeError("resident memory needs Linux /proc or the psutil package") from error
+        return psutil.Process().memory_info().rss / 2**20
+
+
+def release_free_heap() -> bool:
+    """
+    Give the C heap's free memory back to the operating system (glibc ``malloc_trim``), so that
+    RSS shows what is allocated rather than what the allocator keeps; False where unavailable.
+    """
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def _sizes(max_side: int) -> List[Tuple[int, int]]:
+    return [(1, 1), (16, 16), (8, max_side), (max_side, 8), (1, max_side), (max_side, 1)]
+
+
+def random_batches(
+    *, batch_size: int, max_side: int, num_classes: int, crowd: int, seed: int
+) -> Iterator[List[Dict]]:
+    """
+    Endless training batches in the format of detectron2's ``DatasetMapper``: per image, with
+    probability 0.3 one of the extreme sizes of ``_sizes(max_side)``, else height and width
+    uniform in ``[1, max_side]``; 20% without objects, 10% crowded with ``crowd`` boxes, the
+    others with 1..8 boxes (XYXY inside the image, at least 1 pixel wide and high).
+    """
+    rng = np.random.default_rng(seed)
+    extremes = _sizes(max_side)
+    while True:
+        batch = []
+        for _ in range(batch_size):
+            if rng.random() < 0.3:
+                height, width = extremes[rng.integers(len(extremes))]
+            else:
+                height, width = (int(v) for v in rng.integers(1, max_side + 1, size=2))
+            kind = rng.random()
+            count = 0 if kind < 0.2 else crowd if kind < 0.3 else int(rng.integers(1, 9))
+            x0 = rng.uniform(0, max(width - 1, 0), count)
+            y0 = rng.uniform(0, max(height - 1, 0), count)
+            x1 = np.minimum(x0 + 1 + rng.uniform(0, width, count), width)
+            y1 = np.minimum(y0 + 1 + rng.uniform(0, height, count), height)
+            instances = Instances((height, width))
+            boxes = np.stack([x0, y0, x1, y1], axis=1) if count else np.zeros((0, 4))
+            instances.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
+            instances.gt_classes = torch.as_tensor(rng.integers(0, num_classes, count))
+            image = torch.as_tensor(rng.integers(0, 256, (3, height, width), dtype=np.uint8))
+            batch.append({"image": image, "instances": instances, "height": height, "width": width})
+        yield batch
+
+
+def verdict(
+    samples: Sequence[Tuple[int, float]], *, warmup: int, max_slope: float
+) -> Tuple[bool, str]:
+    """
+    Whether the RSS ``samples`` ``(iteration, MiB)`` after iteration ``warmup`` stay flat: the
+    least-squares slope is at most ``max_slope`` MiB per 1000 iterations. Returns the decision
+    and a one-line summary.
+    """
+    after = [(i, mb) for i, mb in samples if i >= warmup]
+    if len(after) < 3:
+        return False, f"no verdict: {len(after)} samples after warm-up (need 3)"
+    iterations = np.array([i for i, _ in after], dtype=np.float64)
+    memory = np.array([mb for _, mb in after], dtype=np.float64)
+    slope = float(np.polyfit(iterations, memory, 1)[0]) * 1000.0
+    stable = slope <= max_slope
+    summary = (
+        f"{'STABLE' if stable else 'GROWING'}: RSS {memory[0]:.1f} -> {memory[-1]:.1f} MiB "
+        f"(min {memory.min():.1f}, max {memory.max():.1f}) from iteration "
+        f"{int(iterations[0])} to {int(iterations[-1])}; slope {slope:+.2f} MiB per 1000 "
+        f"iterations (limit {max_slope:g})"
+    )
+    return stable, summary
+
+
+def _remember_last(batches: Iterator[List[Dict]], last: List[List[Dict]]):
+    for batch in batches:
+        last[:] = [batch]
+        yield batch
+
+
+class _MemoryReport(HookBase):
+    def __init__(self, every: int, samples: List[Tuple[int, float]], *, trim: bool):
+        self.every = every
+        self.samples = samples
+        self.trim = trim
+        self.start = time.perf_counter()
+
+    def after_step(self) -> None:
+        iteration = self.trainer.iter + 1
+        if iteration % self.every == 0:
+            if self.trim:
+                release_free_heap()
+            rss = resident_memory_mb()
+            self.samples.append((iteration, rss))
+            elapsed = time.perf_counter() - self.start
+            print(f"[soak] iteration {iteration:6d}  RSS {rss:9.1f} MiB  ({elapsed:7.1f} s)")
+            sys.stdout.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m focus_detr.tools.soak", description=__doc__.strip().splitlines()[0]
+    )
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG)
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--report-every", type=int, default=50, metavar="K")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="iterations ignored by the verdict (25%%)"
+    )
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-side", type=int, default=400, help="largest height/width")
+    parser.add_argument("--crowd", type=int, default=150, help="boxes of a crowded image")
+    parser.add_argument("--max-slope", type=float, default=5.0, help="MiB per 1000 iterations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cycle through N fixed batches (memory then has no new shapes to adapt to)",
+    )
+    parser.add_argument(
+        "--malloc-trim",
+        action="store_true",
+        help="release the C heap's free memory before each measurement (glibc malloc_trim)",
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+    return parser
+
+
+def main(argv: Sequence[str] = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("iterations", "report_every", "batch_size", "max_side"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    warmup = args.iterations // 4 if args.warmup is None else args.warmup
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).train()
+    cfg.optimizer.params.model = model
+    clip = OmegaConf.select(cfg, "train.clip_grad.enabled", default=True)
+    batches = random_batches(
+        batch_size=args.batch_size,
+        max_side=args.max_side,
+        num_classes=int(cfg.model.num_classes),
+        crowd=args.crowd,
+        seed=args.seed,
+    )
+    if args.repeat > 0:
+        batches = itertools.cycle(list(itertools.islice(batches, args.repeat)))
+    last_batch: List[List[Dict]] = []
+    batches = _remember_last(batches, last_batch)
+    amp = amp_from_config(cfg, next(model.parameters()).device)
+    trainer = DETRTrainer(
+        model,
+        batches,
+        instantiate(cfg.optimizer),
+        clip_grad_max_norm=(
+            OmegaConf.select(cfg, "train.clip_grad.max_norm", default=0.1) if clip else None
+        ),
+        amp=amp.enabled,
+        amp_dtype=amp.dtype,
+        max_consecutive_nonfinite=OmegaConf.select(
+            cfg, "train.skip_nonfinite.max_consecutive", default=0
+        ),
+    )
+    samples: List[Tuple[int, float]] = []
+    if args.malloc_trim and not release_free_heap():
+        raise SystemExit("--malloc-trim needs glibc's malloc_trim, not found here")
+    trainer.register_hooks([_MemoryReport(args.report_every, samples, trim=args.malloc_trim)])
+    print(
+        f"[soak] {args.config_file}: {args.iterations} iterations of {args.batch_size} images "
+        f"(sizes 1..{args.max_side}, extremes {_sizes(args.max_side)}, empty and crowded "
+        f"with {args.crowd} boxes{f', {args.repeat} batches repeated' if args.repeat else ''}); "
+        f"RSS every {args.report_every}{' after malloc_trim' if args.malloc_trim else ''}, "
+        f"warm-up {warmup}"
+    )
+    print(f"[soak] RSS before training {resident_memory_mb():.1f} MiB")
+    try:
+        trainer.train(0, args.iterations)
+    except Exception:
+        described = [(d["height"], d["width"], len(d["instances"])) for d in last_batch[0]]
+        print(
+            f"[soak] FAILED at iteration {trainer.iter} on a batch of (height, width, boxes) "
+            f"{described}"
+        )
+        raise
+    stable, summary = verdict(samples, warmup=warmup, max_slope=args.max_slope)
+    print(f"[soak] verdict: {summary}")
+    return 0 if stable else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

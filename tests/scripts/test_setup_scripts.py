@@ -1,0 +1,204 @@
+"""
+The set-up scripts: setup_env.sh leaves the caller's shell options alone and runs only $PYTHON,
+check_cuda_build.sh runs $PYTHON, and the detectron2 and torch wheels are installed only when
+their sha256 is the pinned one. Fake interpreters stand in for Python, so nothing is installed.
+"""
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from helpers import REPO_ROOT
+
+SCRIPTS = REPO_ROOT / "scripts"
+
+# Logs its arguments; fails when they match $FAKE_FAIL (a grep -E pattern); prints a version.
+_FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG"
+if [ -n "${FAKE_FAIL:-}" ] && echo "$*" | grep -Eq "$FAKE_FAIL"; then exit 1; fi
+echo 2.14.1
+"""
+
+
+def _executable(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    """A fake interpreter (logging to fake.log) and a python3 on PATH that must not run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = _executable(bin_dir / "fake-python", _FAKE_PYTHON)
+    for name in ("python3", "python"):
+        _executable(bin_dir / name, f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/wrong.log\n')
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FAKE_LOG=str(tmp_path / "fake.log"),
+        PYTHON=str(python),
+    )
+    env.pop("FOCUS_DETR_TORCH_PAIR", None)
+    return env
+
+
+def _log(env):
+    path = env["FAKE_LOG"]
+    return open(path).read().splitlines() if os.path.exists(path) else []
+
+
+def _bash(script, env, cwd):
+    return subprocess.run(
+        ["bash", "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def _repository_copy(tmp_path):
+    """What setup_env.sh reads, in a folder of its own: its build stamp lands there."""
+    root = tmp_path / "repo"
+    shutil.copytree(SCRIPTS, root / "scripts")
+    shutil.copy(REPO_ROOT / "setup.py", root / "setup.py")
+    shutil.copytree(REPO_ROOT / "focus_detr" / "csrc", root / "focus_detr" / "csrc")
+    return root
+
+
+_OPTIONS = 'options() { set -o; shopt; echo "$-"; }'
+
+
+@pytest.mark.parametrize("fail", ["", "import torch, torchvision", "sys.version_info"])
+def test_sourcing_and_running_setup_keeps_the_callers_shell_options(tmp_path, fakes, fail):
+    root = _repository_copy(tmp_path)
+    fakes["FAKE_FAIL"] = fail
+    result = _bash(
+        f"""{_OPTIONS}
+        before="$(options)"
+        source scripts/setup_env.sh
+        [ "$(options)" = "$before" ] || {{ echo "sourcing changed options"; exit 3; }}
+        focus_detr_setup; status=$?
+        [ "$(options)" = "$before" ] || {{ echo "focus_detr_setup changed options"; exit 4; }}
+        echo "status=$status PYTHON=$PYTHON"
+        """,
+        fakes,
+        root,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = _log(fakes)
+    assert not (tmp_path / "wrong.log").exists(), "an interpreter other than $PYTHON ran"
+    if fail == "sys.version_info":
+        assert "status=1" in result.stdout and "is too old" in result.stderr
+        return
+    assert f"status=0 PYTHON={fakes['PYTHON']}" in result.stdout, result.stderr
+    assert any("install_detectron2.py" in call for call in calls)
+    assert any("pip install --quiet --no-build-isolation -e ." in call for call in calls)
+    assert (root / "build" / ".focus_detr_extension_stamp").exists()
+    requirements = root / "scripts" / "requirements-torch.txt"
+    hashed = f"-m pip install --quiet --require-hashes --no-deps -r {requirements}"
+    if fail:  # no working torch: the hash-checked wheels, then their dependencies
+        index = calls.index(hashed)
+        assert calls[index + 1] == "-m pip install --quiet torch==2.14.1 torchvision==0.29.1"
+    else:
+        assert hashed not in calls
+
+
+def test_setup_without_an_interpreter_fails_without_leaving_the_shell(tmp_path, fakes):
+    fakes["PYTHON"] = str(tmp_path / "no-such-python")
+    result = _bash(
+        f"""{_OPTIONS}
+        before="$(options)"
+        source scripts/setup_env.sh
+        focus_detr_setup --dev || echo "returned $?"
+        [ "$(options)" = "$before" ] && echo "options kept"
+        """,
+        fakes,
+        REPO_ROOT,
+    )
+    assert "returned 1" in result.stdout and "options kept" in result.stdout
+    assert f"no Python interpreter '{tmp_path}/no-such-python'" in result.stderr
+
+
+def test_check_cuda_build_compiles_with_python(tmp_path, fakes):
+    cuda_home = tmp_path / "cuda"
+    (cuda_home / "bin").mkdir(parents=True)
+    _executable(cuda_home / "bin" / "nvcc", "#!/usr/bin/env bash\necho 'release 13.0'\n")
+    fakes.update(CUDA_HOME=str(cuda_home), FAKE_FAIL="build_ext")
+    result = _bash("bash scripts/check_cuda_build.sh", fakes, REPO_ROOT)
+    assert result.returncode == 1 and "FAILED" in result.stderr
+    assert any(call.startswith("setup.py build_ext") for call in _log(fakes))
+    assert not (tmp_path / "wrong.log").exists()
+
+
+@pytest.fixture(scope="module")
+def installer():
+    spec = importlib.util.spec_from_file_location(
+        "install_detectron2", SCRIPTS / "install_detectron2.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_wheel(path):
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("detectron2/__init__.py", "__version__ = 'fake'\n")
+        wheel.writestr("tools/train_net.py", "")
+        wheel.writestr("sal_detectron2-0.7.2.dist-info/METADATA", "Name: sal-detectron2\n")
+    return path
+
+
+def test_a_detectron2_wheel_with_another_hash_is_not_unpacked(tmp_path, installer):
+    wheel = _fake_wheel(tmp_path / installer.WHEEL_FILE)
+    actual = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    target = tmp_path / "site-packages"
+    target.mkdir()
+    argv = ["--force", "--wheel", str(wheel), "--target", str(target), "--no-requirements"]
+    with pytest.raises(SystemExit, match=f"sha256 {actual}, expected {installer.WHEEL_SHA256}"):
+        installer.main(argv)
+    assert list(target.iterdir()) == []
+
+
+def test_the_pinned_detectron2_wheel_is_unpacked_without_its_tools(
+    tmp_path, installer, monkeypatch
+):
+    wheel = _fake_wheel(tmp_path / installer.WHEEL_FILE)
+    monkeypatch.setattr(installer, "WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    target = tmp_path / "site-packages"
+    argv = ["--force", "--wheel", str(wheel), "--target", str(target), "--no-requirements"]
+    assert installer.main(argv) == 0
+    assert sorted(p.name for p in target.iterdir()) == [
+        "detectron2",
+        "sal_detectron2-0.7.2.dist-info",
+    ]
+
+
+def test_pip_refuses_torch_wheels_with_other_bytes(tmp_path, fakes):
+    requirements = (SCRIPTS / "requirements-torch.txt").read_text()
+    pins = dict(re.findall(r"^(torch|torchvision)==(\S+) \\$", requirements, re.MULTILINE))
+    setup = (SCRIPTS / "setup_env.sh").read_text()
+    assert f"torch=={pins['torch']} torchvision=={pins['torchvision']}" in setup
+    assert len(re.findall(r"--hash=sha256:[0-9a-f]{64}", requirements)) >= 2 * 16
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name, version in pins.items():
+        _fake_wheel(wheels / f"{name}-{version}-py3-none-any.whl")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed",
+            "--require-hashes", "--no-deps", "--no-index", "--find-links", str(wheels),
+            "-r", str(SCRIPTS / "requirements-torch.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "DO NOT MATCH THE HASHES" in result.stderr, result.stderr

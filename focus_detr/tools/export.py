@@ -20,10 +20,10 @@ import time
 from typing import List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 
 from ..demo.predictor import load_config
+from ..engine.checkpoint import CheckpointError, SafeCheckpointer
 from ..export import (
     DetectorExportWrapper,
     compare_detections,
@@ -90,6 +90,38 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ExportError(f"the folder of --output {args.output} does not exist: {directory}")
 
 
+class _RecordingCheckpointer(SafeCheckpointer):
+    """Keeps what the load left out (detectron2 only logs it)."""
+
+    incompatible = None
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    """All of the model's weights from ``path``, else an error naming what does not fit."""
+    checkpointer = _RecordingCheckpointer(model)
+    try:
+        checkpointer.load(path)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
+    incompatible = checkpointer.incompatible
+    if incompatible is None:
+        return
+    left_out = sorted(
+        set(incompatible.missing_keys) | {key for key, *_ in incompatible.incorrect_shapes}
+    )
+    if left_out:
+        more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+        raise ExportError(
+            f"{path} has no weights of the right shape for {len(left_out)} tensors of the model "
+            f"built from the config, e.g. {left_out[:5]}{more}: is it a checkpoint of this "
+            "config (with the same overrides)?"
+        )
+
+
 def _build_model(cfg, weights: Optional[str], seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = instantiate(cfg.model)
@@ -97,7 +129,7 @@ def _build_model(cfg, weights: Optional[str], seed: int) -> torch.nn.Module:
     if weights is None:
         print(f"no --weights: exporting the config's initial weights (seed {seed})")
     else:
-        DetectionCheckpointer(model).load(weights)
+        _load_weights(model, weights)
     return model
 
 

@@ -1,7 +1,9 @@
 """
-``python -m focus_detr.tools.export`` on the demo config (random weights) at 128x160: the
-torch.export program and the ONNX model (onnxruntime) give PyTorch's detections; the ONNX
-translation of the deformable attention alone against the PyTorch reference; bad input.
+``python -m focus_detr.tools.export`` on the demo config (random weights): the ONNX model
+(onnxruntime) at 128x160 and the torch.export program at 64x96 (which the model pads to 128x128
+inside the program, so that the traced token budgets differ from the eager ones) give PyTorch's
+detections; the ONNX translation of the deformable attention alone against the PyTorch
+reference; bad input.
 """
 
 import math
@@ -26,6 +28,7 @@ from focus_detr.modeling.encoders.token_selection import compute_token_budgets
 from focus_detr.tools.export import main
 
 HEIGHT, WIDTH = 128, 160
+SMALL_HEIGHT, SMALL_WIDTH = 64, 96  # below the demo model's minimum input of 128x128
 BOX_TOLERANCE, SCORE_TOLERANCE = 0.05, 1e-4
 
 
@@ -44,20 +47,20 @@ def demo(tmp_path_factory):
     return folder, weights, loaded
 
 
-def _export(demo, fmt, suffix, capsys):
+def _export(demo, fmt, suffix, capsys, height, width):
     folder, weights, _ = demo
     output = str(folder / f"demo{suffix}")
     argv = ["--config-file", str(helpers.DEMO_CONFIG), "--weights", weights, "--format", fmt]
-    argv += ["--output", output, "--height", str(HEIGHT), "--width", str(WIDTH)]
+    argv += ["--output", output, "--height", str(height), "--width", str(width)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"{fmt} vs PyTorch on a random image: top 50:" in printed
     return output, printed
 
 
-def _check_against_pytorch(model, outputs):
+def _check_against_pytorch(model, outputs, height, width):
     """Run on an image other than the tool's own check image, compare as the issue asks."""
-    image = torch.rand(3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(11)) * 255
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(11)) * 255
     boxes, scores, classes = outputs(image)
     assert boxes.shape == (100, 4) and scores.shape == (100,) and classes.shape == (100,)
     assert boxes.dtype == np.float32 and scores.dtype == np.float32 and classes.dtype == np.int64
@@ -76,26 +79,29 @@ def _check_against_pytorch(model, outputs):
     assert comparison.compared == 50
     assert comparison.within(BOX_TOLERANCE, SCORE_TOLERANCE), str(comparison)
     # the boxes lie in the image and the scores come best first, as in Instances
-    assert (boxes[:, [0, 2]] >= 0).all() and (boxes[:, [0, 2]] <= WIDTH).all()
-    assert (boxes[:, [1, 3]] >= 0).all() and (boxes[:, [1, 3]] <= HEIGHT).all()
+    assert (boxes[:, [0, 2]] >= 0).all() and (boxes[:, [0, 2]] <= width).all()
+    assert (boxes[:, [1, 3]] >= 0).all() and (boxes[:, [1, 3]] <= height).all()
     assert (np.diff(scores) <= 0).all()
 
 
 def test_torch_export_program(demo, capsys):
-    path, printed = _export(demo, "torch-export", ".pt2", capsys)
+    path, printed = _export(demo, "torch-export", ".pt2", capsys, SMALL_HEIGHT, SMALL_WIDTH)
     model = demo[2]
     program = torch.export.load(path)
     # one node per deformable attention layer: 3 encoder + 3 decoder layers
     assert count_msda_nodes(program) == 6
     assert "6 focus_detr::ms_deform_attn nodes" in printed
-    _check_against_pytorch(model, lambda image: run_torch_export(path, image))
+    assert "the model pads the image to 128x128 inside the program" in printed
+    _check_against_pytorch(
+        model, lambda image: run_torch_export(path, image), SMALL_HEIGHT, SMALL_WIDTH
+    )
 
 
 def test_onnx_model(demo, capsys):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    path, printed = _export(demo, "onnx", ".onnx", capsys)
+    path, printed = _export(demo, "onnx", ".onnx", capsys, HEIGHT, WIDTH)
     graph = onnx.load(path).graph
     assert [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input] == [
         ("image", [3, HEIGHT, WIDTH])
@@ -104,7 +110,7 @@ def test_onnx_model(demo, capsys):
     operators = {node.op_type for node in graph.node}
     domains = {node.domain for node in graph.node}
     assert "GridSample" in operators and domains <= {"", "ai.onnx"}
-    _check_against_pytorch(demo[2], lambda image: run_onnx(path, image))
+    _check_against_pytorch(demo[2], lambda image: run_onnx(path, image), HEIGHT, WIDTH)
 
 
 def test_onnx_deformable_attention_matches_reference(tmp_path):
@@ -221,3 +227,25 @@ def test_token_budgets_while_exporting_are_those_of_an_unpadded_image():
     sizes, budgets = program.module()(padded)
     assert [len(s) for s in sizes] == [36, 28, 10]
     assert torch.equal(budgets, Budgets()(padded)[1]) and budgets[:, 0].tolist() == [19, 15, 5]
+
+
+def test_weights_that_do_not_fit_are_refused(demo, tmp_path, capsys):
+    _, weights, _ = demo
+    state = torch.load(weights)["model"]
+    head = "query_selection.class_head.weight"
+    state[head] = state[head][:3]  # 3 classes instead of 6
+    del state["decoder.norm.bias"]
+    other = str(tmp_path / "other.pth")
+    torch.save({"model": state}, other)
+    corrupt = str(tmp_path / "corrupt.pth")
+    with open(corrupt, "wb") as f:
+        f.write(b"not a checkpoint")
+    base = ["--config-file", str(helpers.DEMO_CONFIG), "--height", "64", "--width", "64"]
+    base += ["--format", "torch-export", "--output", str(tmp_path / "x.pt2"), "--weights"]
+    assert main(base + [other]) == 2
+    error = capsys.readouterr().err
+    assert f"{other} has no weights of the right shape for 2 tensors" in error
+    assert head in error and "decoder.norm.bias" in error
+    assert main(base + [corrupt]) == 2
+    assert f"Cannot load checkpoint {corrupt}" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt2").exists()

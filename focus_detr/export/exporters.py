@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..layers import msda_backend
 from ..layers.ms_deform_attn_op import FORWARD_OP
 from .wrapper import DetectorExportWrapper
 
@@ -42,7 +43,8 @@ def export_torch(
     """
     ``torch.export`` the wrapper for ``image``'s shape and save it to ``path`` (.pt2). The
     deformable attention stays one ``focus_detr::ms_deform_attn`` node per attention layer
-    (its compiled kernels, or its PyTorch implementation, run when the program runs).
+    (its compiled kernels, or its PyTorch implementation, run when the program runs), whatever
+    the backend chosen with ``set_msda_backend``.
 
     Args:
         wrapper: the export wrapper.
@@ -52,13 +54,9 @@ def export_torch(
     Returns:
         The exported program.
     """
-    with torch.no_grad():
+    # the op, not the reference's grid_sample calls (FOCUS_DETR_MSDA_BACKEND=reference)
+    with torch.no_grad(), msda_backend("auto"):
         program = torch.export.export(wrapper, (image,), strict=False)
-    if count_msda_nodes(program) == 0:
-        raise RuntimeError(
-            "the exported program has no focus_detr::ms_deform_attn node: was the model run "
-            "with set_msda_backend('reference')? Export with the 'auto' backend"
-        )
     torch.export.save(program, path)
     return program
 
@@ -109,7 +107,8 @@ def export_onnx_module(
 
     from .onnx_msda import ONNX_OPSET, ONNX_TRANSLATIONS
 
-    with torch.no_grad():
+    # the op, translated below, not the reference (whose level sizes are read with tolist())
+    with torch.no_grad(), msda_backend("auto"):
         program = torch.onnx.export(
             module,
             tuple(args),

@@ -156,7 +156,7 @@ def _verify(model, wrapper, image: torch.Tensor, args: argparse.Namespace) -> No
     if not comparison.within(BOX_TOLERANCE, SCORE_TOLERANCE):
         raise ExportError(
             f"the exported detections differ from PyTorch's (tolerances {BOX_TOLERANCE} px, "
-            f"score {SCORE_TOLERANCE}): {comparison}"
+            f"score {SCORE_TOLERANCE}): {comparison}; {args.output} is kept for inspection"
         )
 
 

@@ -20,10 +20,15 @@ from focus_detr.export import (
     compare_detections,
     count_msda_nodes,
     export_onnx_module,
+    export_torch,
     run_onnx,
     run_torch_export,
 )
-from focus_detr.layers import multi_scale_deformable_attention_reference
+from focus_detr.layers import (
+    MultiScaleDeformableAttention,
+    msda_backend,
+    multi_scale_deformable_attention_reference,
+)
 from focus_detr.modeling.encoders.token_selection import compute_token_budgets
 from focus_detr.tools.export import main
 
@@ -249,3 +254,22 @@ def test_weights_that_do_not_fit_are_refused(demo, tmp_path, capsys):
     assert main(base + [corrupt]) == 2
     assert f"Cannot load checkpoint {corrupt}" in capsys.readouterr().err
     assert not (tmp_path / "x.pt2").exists()
+
+
+def test_export_keeps_the_op_under_the_reference_backend(tmp_path):
+    shapes, starts = torch.tensor([[4, 4], [2, 2]]), torch.tensor([0, 16])
+    attention = MultiScaleDeformableAttention(embed_dim=8, num_heads=2, num_levels=2, num_points=2)
+    value = torch.randn(1, 20, 8)
+
+    class Attention(torch.nn.Module):
+        def forward(self, query):
+            points = torch.full((1, query.shape[1], 2, 2), 0.5)
+            return attention(query, points, value, shapes, starts)
+
+    query = torch.randn(1, 3, 8)
+    with msda_backend("reference"):
+        program = export_torch(Attention(), query, str(tmp_path / "attention.pt2"))
+        expected = Attention()(query)
+    assert count_msda_nodes(program) == 1
+    loaded = torch.export.load(str(tmp_path / "attention.pt2")).module()
+    torch.testing.assert_close(loaded(query), expected)

@@ -10,7 +10,7 @@ from torchvision.ops import box_convert
 
 from .multi_scale import ImageSizes, image_sizes_tensor
 
-__all__ = ["instances_to_targets", "predictions_to_instances"]
+__all__ = ["instances_to_targets", "predictions_to_instances", "select_detections"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,41 @@ def instances_to_targets(
     return targets
 
 
+def select_detections(
+    class_logits: torch.Tensor,
+    boxes: torch.Tensor,
+    image_sizes: ImageSizes,
+    num_select: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The ``num_select`` best (query, class) pairs of every image, no NMS, as tensors (the part of
+    :func:`predictions_to_instances` that ``torch.export`` can trace: no ``Instances``, no
+    data-dependent check).
+
+    Args:
+        class_logits: (B, Q, K) logits.
+        boxes: (B, Q, 4) cxcywh normalized by the image size.
+        image_sizes: (h, w) of every resized, unpadded image (ints, or (2,) tensors while
+            tracing).
+        num_select: detections per image; S = min(num_select, Q * K) are returned.
+
+    Returns:
+        ``(boxes (B, S, 4) absolute XYXY in the image, not clipped, scores (B, S) sigmoid
+        probabilities in decreasing order, classes (B, S) int64)``.
+    """
+    batch, num_queries, num_classes = class_logits.shape
+    probabilities = class_logits.sigmoid().flatten(1)
+    num_select = min(num_select, num_queries * num_classes)
+    scores, flat_indices = probabilities.topk(num_select, dim=1)
+    query_indices = torch.div(flat_indices, num_classes, rounding_mode="floor")
+    labels = flat_indices % num_classes
+    selected = torch.gather(boxes, 1, query_indices[..., None].expand(-1, -1, 4))
+    selected = box_convert(selected, "cxcywh", "xyxy")
+    sizes = image_sizes_tensor(image_sizes, boxes.device).to(selected.dtype)
+    scale = sizes[:, [1, 0, 1, 0]]  # (B, 4) w, h, w, h
+    return selected * scale[:, None, :], scores, labels
+
+
 def predictions_to_instances(
     class_logits: torch.Tensor,
     boxes: torch.Tensor,
@@ -88,23 +123,14 @@ def predictions_to_instances(
         num_select: detections per image.
 
     Returns:
-        Per image an :class:`Instances` of the resized image with ``pred_boxes`` (absolute XYXY),
-        ``scores`` and ``pred_classes``.
+        Per image an :class:`Instances` of the resized image with ``pred_boxes`` (absolute XYXY,
+        clipped to the image), ``scores`` and ``pred_classes``.
     """
-    batch, num_queries, num_classes = class_logits.shape
-    probabilities = class_logits.sigmoid().flatten(1)
-    num_select = min(num_select, num_queries * num_classes)
-    scores, flat_indices = probabilities.topk(num_select, dim=1)
-    query_indices = torch.div(flat_indices, num_classes, rounding_mode="floor")
-    labels = flat_indices % num_classes
-    selected = torch.gather(boxes, 1, query_indices[..., None].expand(-1, -1, 4))
-    selected = box_convert(selected, "cxcywh", "xyxy")
-    sizes = image_sizes_tensor(image_sizes, boxes.device).to(selected.dtype)
-    scale = sizes[:, [1, 0, 1, 0]]  # (B, 4) w, h, w, h
+    selected, scores, labels = select_detections(class_logits, boxes, image_sizes, num_select)
     results = []
     for index, image_size in enumerate(image_sizes):
         result = Instances(tuple(image_size))
-        result.pred_boxes = Boxes(selected[index] * scale[index])
+        result.pred_boxes = Boxes(selected[index])
         result.pred_boxes.clip(result.image_size)
         result.scores = scores[index]
         result.pred_classes = labels[index]

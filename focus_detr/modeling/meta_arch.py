@@ -291,6 +291,25 @@ class TwoStageDETR(nn.Module):
             asked.
         """
         images = self.preprocess_image(batched_inputs)
+        details = self.predict(images, return_sampling=return_details)
+        results = self._postprocess(details.decoder, images, batched_inputs)
+        if return_details:
+            return results, details
+        return results
+
+    def predict(self, images: ImageList, *, return_sampling: bool = False) -> InferenceDetails:
+        """
+        The network on a preprocessed batch, without denoising queries (what :meth:`inference`
+        decodes; export wrappers call it on their own padded input).
+
+        Args:
+            images: the normalized, padded batch (:meth:`preprocess_image`).
+            return_sampling: also return the decoder's sampling locations and weights.
+
+        Returns:
+            :class:`InferenceDetails`; ``decoder.class_logits`` (D, B, Q, K) and
+            ``decoder.boxes`` (D, B, Q, 4) cxcywh relative to each image's own size.
+        """
         features = self.flatten_features(images)
         encoded = self.encode(features)
         selection = self.query_selection(encoded.memory, features)
@@ -299,12 +318,9 @@ class TwoStageDETR(nn.Module):
             selection.reference_boxes,
             encoded.memory,
             features,
-            return_sampling=return_details,
+            return_sampling=return_sampling,
         )
-        results = self._postprocess(decoded, images, batched_inputs)
-        if return_details:
-            return results, InferenceDetails(images, features, encoded, decoded)
-        return results
+        return InferenceDetails(images, features, encoded, decoded)
 
     def _postprocess(self, decoded, images: ImageList, batched_inputs) -> List[Dict]:
         results = predictions_to_instances(

@@ -201,7 +201,10 @@ class FocusEncoder(DETREncoder):
         # -inf puts every padded token after every valid one, even on ties with the minimum
         ranking = logits.detach().masked_fill(padding_mask, float("-inf"))
         layer_sizes, budgets = compute_token_budgets(
-            (~padding_mask).sum(dim=1), self.keep_ratio, self.layer_keep_factors
+            (~padding_mask).sum(dim=1),
+            self.keep_ratio,
+            self.layer_keep_factors,
+            max_valid=num_tokens,
         )
         order = ranking.topk(min(max(layer_sizes), num_tokens), dim=1).indices
 

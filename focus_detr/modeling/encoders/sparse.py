@@ -155,7 +155,10 @@ class SparseEncoder(DETREncoder):
         token_scores = fill_padding_with_minimum(logits, padding_mask)
 
         sizes, budgets = compute_token_budgets(
-            (~padding_mask).sum(dim=1), self.keep_ratio, (1.0,) * self.num_layers
+            (~padding_mask).sum(dim=1),
+            self.keep_ratio,
+            (1.0,) * self.num_layers,
+            max_valid=num_tokens,
         )
         ranking = logits.detach().masked_fill(padding_mask, float("-inf"))
         indices = ranking.topk(min(sizes[0], num_tokens), dim=1).indices

@@ -1,6 +1,7 @@
 """Token budgets and rankings shared by the encoders that update a subset of the tokens."""
 
-from typing import List, Sequence, Tuple
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,7 +26,11 @@ def check_keep_ratio(keep_ratio: float) -> float:
 
 
 def compute_token_budgets(
-    num_valid: torch.Tensor, keep_ratio: float, layer_keep_factors: Sequence[float]
+    num_valid: torch.Tensor,
+    keep_ratio: float,
+    layer_keep_factors: Sequence[float],
+    *,
+    max_valid: Optional[int] = None,
 ) -> Tuple[List[int], torch.Tensor]:
     """
     How many tokens every layer gathers, and how many of them each image may write.
@@ -41,13 +46,22 @@ def compute_token_budgets(
         num_valid: (B,) int64 valid (non-padded) tokens per image.
         keep_ratio: rho in (0, 1].
         layer_keep_factors: c_l in (0, 1], one per layer.
+        max_valid: an upper bound of ``num_valid`` known without reading it (the token count
+            N), used while ``torch.export`` traces (also under ``torch.onnx.export``), where
+            the counts cannot be read: ``K`` is then the budget of an image with ``max_valid``
+            valid tokens, exact for an image without padding (an exported single image); an
+            image with padding then gathers more tokens than it writes, with the same result.
+            Not used otherwise (eager, ``torch.compile``).
 
     Returns:
         ``(layer_sizes, budgets)``: k_l per layer (python ints), and (num_layers, B) int64 b_il.
     """
     num_valid = num_valid.long()
     focus = (torch.floor(num_valid.double() * keep_ratio).long() + 1).minimum(num_valid)
-    max_focus = max(int(focus.max()), 1) if focus.numel() > 0 else 1
+    if max_valid is not None and torch.compiler.is_exporting():
+        max_focus = max(min(math.floor(max_valid * keep_ratio) + 1, max_valid), 1)
+    else:
+        max_focus = max(int(focus.max()), 1) if focus.numel() > 0 else 1
     layer_sizes = [max(1, int(factor * max_focus)) for factor in layer_keep_factors]
     budgets = [
         torch.floor(focus.double() * factor).long().clamp(min=1).minimum(focus)

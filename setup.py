@@ -74,7 +74,10 @@ setup(
         # detectron2's ViT, MViTv2 and Swin (drop path) import timm
         "timm",
     ],
-    extras_require={"dev": ["pytest", "black", "isort", "flake8"]},
+    extras_require={
+        "dev": ["pytest", "black", "isort", "flake8"],
+        "export": ["onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -5,7 +5,7 @@
 # Each step checks first and only installs what is missing or broken:
 #   1. a torch/torchvision pair whose compiled ops load (else torch==2.14.1 torchvision==0.29.1),
 #   2. detectron2 when it is not importable (an importable detectron2 is never replaced),
-#   3. with --dev: pytest, black, isort, flake8,
+#   3. with --dev: pytest, black, isort, flake8, and onnx/onnxscript/onnxruntime (export tests),
 #   4. this package, editable, with its C++ (and, with a GPU or FORCE_CUDA=1, CUDA) extension,
 #      rebuilt when the kernel sources or the torch version changed.
 # Sourcing it defines focus_detr_setup and sets FOCUS_DETR_ROOT and PYTHON, nothing else: no shell
@@ -71,10 +71,11 @@ nms(torch.zeros(1, 4), torch.zeros(1), 0.5)' >/dev/null 2>&1; then
 
   # 3. test and lint tools.
   if [ "$dev" = 1 ]; then
-    if ! "$PYTHON" -c 'import pytest, black, isort, flake8' >/dev/null 2>&1; then
-      _focus_detr_say "installing pytest, black, isort, flake8"
+    if ! "$PYTHON" -c 'import pytest, black, isort, flake8, onnx, onnxscript, onnxruntime' >/dev/null 2>&1; then
+      _focus_detr_say "installing pytest, black, isort, flake8, onnx, onnxscript, onnxruntime"
       "$PYTHON" -m pip install --quiet pytest black isort flake8 \
-        || _focus_detr_fail "pip install pytest black isort flake8" "install them yourself and rerun"
+        "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0" \
+        || _focus_detr_fail "pip install pytest black isort flake8 onnx onnxscript onnxruntime" "install them yourself and rerun"
     fi
   fi
 

@@ -43,7 +43,12 @@ PLOT_FILE = "keep_ratio_sweep.png"
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m focus_detr.tools.analyze",
+        description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config-file", nargs="+", required=True, metavar="FILE")
     parser.add_argument(
         "--weights", nargs="+", metavar="PATH", help="one per config; '' or none: random"
@@ -70,7 +75,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes (default 2)")
     parser.add_argument("--iters", type=int, default=5, help="timed passes (default 5)")
     parser.add_argument("--baseline", metavar="NAME", help="config (name or prefix) for ratios")
-    parser.add_argument("--sweep-keep-ratio", type=float, nargs="+", metavar="R")
+    parser.add_argument(
+        "--sweep-keep-ratio",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="keep ratios in (0, 1] for Focus / Sparse DETR encoders: AP, GFLOPs, latency",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory")
     parser.add_argument("--output", metavar="DIR", help="write analysis.md / .json (and PNG)")
     argv = sys.argv[1:] if argv is None else list(argv)

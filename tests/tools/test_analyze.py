@@ -13,7 +13,7 @@ from focus_detr.data import CLASS_NAMES
 from focus_detr.modeling import compute_foreground_targets
 from focus_detr.tools import analyze
 from focus_detr.tools.analysis.inputs import dataset_inputs, random_inputs
-from focus_detr.tools.analysis.models import MODEL_PARTS
+from focus_detr.tools.analysis.models import MODEL_PARTS, load_analyzed_configs
 from focus_detr.tools.analysis.tokens import foreground_size_ranges
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -88,6 +88,9 @@ def test_report_has_every_field(fixed_size_report):
         assert set(FIELDS) <= set(config), config.keys()
         latency = config["latency"]["cpu"]
         assert 0 < latency["encoder_ms"] < latency["model_ms"] and latency["forwards"] == 2
+        assert len(latency["model_ms_all"]) == len(latency["encoder_ms_all"]) == 2
+        assert latency["model_ms_min"] == min(latency["model_ms_all"]) <= latency["model_ms"]
+        assert latency["encoder_ms_min"] == min(latency["encoder_ms_all"])
         assert config["peak_memory_mib"]["cpu"] > 0
         assert config["tokens"]["images"] == 1 and config["token_quality"] is None
         assert len(config["tokens"]["updated_per_layer"]) == 2
@@ -249,3 +252,19 @@ def test_bad_inputs_error_clearly(tiny, tmp_path, capsys):
         assert "CUDA is not available" in _error(
             ["--config-file", focus, "--device", "cuda"], capsys
         )
+
+
+def test_trailing_overrides_apply_to_every_config(tiny):
+    argv = ["--config-file", *tiny.configs, "--names", "a", "b", "--sweep-keep-ratio", "0.5"]
+    argv += ["model.decoder.num_layers=1", "--output", "out", "model.num_select=7"]
+    args = analyze.parse_args(argv)
+    assert args.opts == ["model.decoder.num_layers=1", "model.num_select=7"]
+    assert args.sweep_keep_ratio == [0.5] and args.names == ["a", "b"]
+    configs = load_analyzed_configs(args.config_file, names=args.names, overrides=args.opts)
+    assert [(c.cfg.model.decoder.num_layers, c.cfg.model.num_select) for c in configs] == [
+        (1, 7),
+        (1, 7),
+    ]
+    assert [c.weights for c in configs] == [None, None]
+    configs = load_analyzed_configs(tiny.configs, weights=["none", ""])
+    assert [c.weights for c in configs] == [None, None]

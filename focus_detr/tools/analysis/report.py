@@ -93,7 +93,8 @@ def _token_tables(configs: Sequence[Dict]) -> List[str]:
 
 
 def _speed_table(configs: Sequence[Dict]) -> List[str]:
-    header = ["config", "device", "model ms", "encoder ms", "encoder share", "peak memory MiB"]
+    header = ["config", "device", "model ms", "model ms (min)", "encoder ms", "encoder ms (min)"]
+    header += ["encoder share", "peak memory MiB"]
     rows = []
     for config in configs:
         for device, latency in config["latency"].items():
@@ -102,7 +103,9 @@ def _speed_table(configs: Sequence[Dict]) -> List[str]:
                     config["name"],
                     device,
                     _number(latency["model_ms"], 1),
+                    _number(latency["model_ms_min"], 1),
                     _number(latency["encoder_ms"], 1),
+                    _number(latency["encoder_ms_min"], 1),
                     _number(100 * latency["encoder_ms"] / latency["model_ms"], 1, "%"),
                     _number(config["peak_memory_mib"].get(device), 1),
                 ]
@@ -169,7 +172,7 @@ def format_markdown(report: Dict) -> str:
     lines += _parts_table(configs, "gflops", 1.0, 2)
     uncounted = sorted({op for config in configs for op in config["uncounted_ops"]})
     lines += ["", f"Not counted (no FLOP handle): {', '.join(uncounted) or 'none'}."]
-    lines += ["", "## Latency (median ms per image) and peak memory", ""]
+    lines += ["", "## Latency (ms per image: median and fastest) and peak memory", ""]
     lines += _speed_table(configs)
     if report.get("baseline"):
         lines += _ratio_table(configs, report["baseline"])

@@ -34,12 +34,19 @@ class Latency:
     model_times: List[float]
     encoder_times: List[float]
 
-    def summary(self) -> Dict[str, float]:
-        """Median milliseconds of the model and the encoder, and the number of forwards."""
+    def summary(self) -> Dict[str, object]:
+        """Median and fastest milliseconds of the model and the encoder, the number of forwards
+        and every forward's milliseconds (to judge the noise)."""
+        model_ms = [1000.0 * value for value in self.model_times]
+        encoder_ms = [1000.0 * value for value in self.encoder_times]
         return {
-            "model_ms": 1000.0 * statistics.median(self.model_times),
-            "encoder_ms": 1000.0 * statistics.median(self.encoder_times),
-            "forwards": len(self.model_times),
+            "model_ms": statistics.median(model_ms),
+            "encoder_ms": statistics.median(encoder_ms),
+            "model_ms_min": min(model_ms),
+            "encoder_ms_min": min(encoder_ms),
+            "forwards": len(model_ms),
+            "model_ms_all": model_ms,
+            "encoder_ms_all": encoder_ms,
         }
 
 

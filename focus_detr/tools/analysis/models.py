@@ -1,0 +1,157 @@
+"""The configs an analysis compares: loading, naming, weights and the model parts counted."""
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.utils.registry import locate
+from omegaconf import OmegaConf
+
+from focus_detr.engine import load_for_eval
+
+__all__ = [
+    "MODEL_PARTS",
+    "OTHER_PART",
+    "AnalysisError",
+    "AnalyzedConfig",
+    "build_analysis_model",
+    "encoder_class",
+    "encoder_keep_ratio",
+    "has_keep_ratio",
+    "load_analyzed_configs",
+    "resolve_name",
+]
+
+# Children of TwoStageDETR counted separately (parameters, FLOPs), in the order of a forward.
+# "query_selection" holds the two-stage heads; the decoder holds its own class and box heads.
+MODEL_PARTS = ("backbone", "neck", "encoder", "query_selection", "decoder")
+# Everything else: level embedding, denoising embedding, position embedding, pre- and
+# post-processing.
+OTHER_PART = "other"
+
+# ``--weights`` values meaning "keep the random initial weights"
+RANDOM_WEIGHTS = ("", "none")
+
+
+class AnalysisError(ValueError):
+    """Bad input to the analysis, with a message naming the offending value."""
+
+
+@dataclass
+class AnalyzedConfig:
+    """
+    One config of the comparison.
+
+    Attributes:
+        name: label in tables and plots (unique in a run).
+        config_file: the LazyConfig file.
+        weights: checkpoint to load, or None for the random initial weights.
+        cfg: the loaded config with the run's overrides applied.
+    """
+
+    name: str
+    config_file: str
+    weights: Optional[str]
+    cfg: object
+
+
+def _default_name(config_file: str) -> str:
+    return os.path.splitext(os.path.basename(config_file))[0]
+
+
+def load_analyzed_configs(
+    config_files: Sequence[str],
+    *,
+    weights: Optional[Sequence[str]] = None,
+    names: Optional[Sequence[str]] = None,
+    overrides: Sequence[str] = (),
+) -> List[AnalyzedConfig]:
+    """
+    Load every config with the same overrides and pair it with its weights and name.
+
+    Args:
+        config_files: LazyConfig files (.py or .yaml).
+        weights: one checkpoint per config, in the same order; "" or "none" for random weights.
+            None: random weights for all.
+        names: one label per config; default: the file name without extension.
+        overrides: ``key=value`` config overrides applied to every config.
+
+    Raises:
+        AnalysisError: a missing config or weights file, or counts that do not match.
+    """
+    config_files = list(config_files)
+    if not config_files:
+        raise AnalysisError("need at least one config file")
+    weights = [""] * len(config_files) if weights is None else list(weights)
+    if len(weights) != len(config_files):
+        raise AnalysisError(
+            f"--weights gives {len(weights)} value(s) {weights} for {len(config_files)} config "
+            f"file(s) {config_files}: give one per config, in the same order ('' or 'none' for "
+            "random weights)"
+        )
+    names = [_default_name(path) for path in config_files] if names is None else list(names)
+    if len(names) != len(config_files):
+        raise AnalysisError(
+            f"--names gives {len(names)} name(s) {names} for {len(config_files)} config file(s)"
+        )
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise AnalysisError(f"names must be unique, {duplicates} repeat: pass --names")
+    configs = []
+    for name, config_file, path in zip(names, config_files, weights):
+        if not os.path.isfile(config_file):
+            raise AnalysisError(f"config file not found: {config_file}")
+        path = None if path.strip().lower() in RANDOM_WEIGHTS else path
+        if path is not None and "://" not in path and not os.path.isfile(path):
+            raise AnalysisError(f"weights file of {name} not found: {path}")
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
+        configs.append(AnalyzedConfig(name, config_file, path, cfg))
+    return configs
+
+
+def resolve_name(name: str, names: Sequence[str]) -> str:
+    """
+    ``name`` if it is one of ``names``, else the only name that starts with it (``dino`` for
+    ``dino_r50_4scale_12ep``).
+
+    Raises:
+        AnalysisError: no name or several names match.
+    """
+    if name in names:
+        return name
+    matches = [candidate for candidate in names if candidate.startswith(name)]
+    if len(matches) != 1:
+        found = "none" if not matches else f"several: {matches}"
+        raise AnalysisError(f"--baseline {name!r} must name one config of {list(names)}; {found}")
+    return matches[0]
+
+
+def build_analysis_model(config: AnalyzedConfig, device: torch.device) -> torch.nn.Module:
+    """``cfg.model`` on ``device`` in eval mode, with the config's weights (EMA when saved)."""
+    model = instantiate(config.cfg.model).to(device)
+    if config.weights is not None:
+        load_for_eval(config.cfg, model, config.weights)
+    return model.eval()
+
+
+def encoder_class(cfg) -> type:
+    """The class of ``cfg.model.encoder`` (its LazyCall target), without building the model."""
+    target = OmegaConf.select(cfg, "model.encoder._target_", default=None)
+    cls = locate(target) if isinstance(target, str) else target
+    if not isinstance(cls, type):
+        raise AnalysisError(f"model.encoder of the config is no LazyCall of a class: {target!r}")
+    return cls
+
+
+def has_keep_ratio(cls: type) -> bool:
+    """Whether encoders of class ``cls`` have a ``keep_ratio`` property (settable after
+    training)."""
+    return isinstance(inspect.getattr_static(cls, "keep_ratio", None), property)
+
+
+def encoder_keep_ratio(model: torch.nn.Module) -> Optional[float]:
+    """The encoder's keep ratio when it has one that may change after training, else None."""
+    return model.encoder.keep_ratio if has_keep_ratio(type(model.encoder)) else None

@@ -1,0 +1,204 @@
+"""The analysis as a markdown report and as JSON."""
+
+import json
+import math
+from typing import Dict, List, Optional, Sequence
+
+from .models import MODEL_PARTS, OTHER_PART
+
+__all__ = ["format_markdown", "to_json", "write_json"]
+
+_PART_LABELS = {part: part.replace("_", " ") for part in (*MODEL_PARTS, OTHER_PART)}
+
+
+def _number(value, digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _parts_table(configs: Sequence[Dict], key: str, scale: float, digits: int) -> List[str]:
+    header = ["config", "total"] + [_PART_LABELS[p] for p in (*MODEL_PARTS, OTHER_PART)]
+    rows = [
+        [config["name"]]
+        + [
+            _number(config[key][part] / scale, digits)
+            for part in ("total", *MODEL_PARTS, OTHER_PART)
+        ]
+        for config in configs
+    ]
+    return _table(header, rows)
+
+
+def _per_layer_table(
+    configs: Sequence[Dict], first: str, first_value, values, cell
+) -> Optional[List[str]]:
+    rows = [(config, values(config)) for config in configs]
+    rows = [(config, layer_values) for config, layer_values in rows if layer_values is not None]
+    if not rows:
+        return None
+    layers = max(len(layer_values) for _, layer_values in rows)
+    header = ["config", first] + [f"layer {index + 1}" for index in range(layers)]
+    body = [
+        [config["name"], first_value(config)]
+        + [cell(config, index, value) for index, value in enumerate(layer_values)]
+        + [""] * (layers - len(layer_values))
+        for config, layer_values in rows
+    ]
+    return _table(header, body)
+
+
+def _token_tables(configs: Sequence[Dict]) -> List[str]:
+    lines = ["", "## Tokens updated per encoder layer (mean per image, share of valid tokens)", ""]
+    lines += _per_layer_table(
+        configs,
+        "valid tokens",
+        lambda config: _number(config["tokens"]["valid_tokens"], 0),
+        lambda config: config["tokens"]["updated_per_layer"],
+        lambda config, index, value: (
+            f"{value:.0f} ({100 * config['tokens']['updated_share_per_layer'][index]:.1f}%)"
+        ),
+    )
+    lines += ["", "## Token quality: share of the ground-truth foreground tokens updated", ""]
+    quality = _per_layer_table(
+        configs,
+        "foreground tokens / image (ranges)",
+        lambda config: (
+            f"{config['token_quality']['foreground_tokens_per_image']:.1f} "
+            f"({', '.join(config['token_quality']['ranges'])})"
+        ),
+        lambda config: (
+            None
+            if config.get("token_quality") is None
+            else config["token_quality"]["foreground_share_per_layer"] or []
+        ),
+        lambda config, index, value: f"{100 * value:.1f}%",
+    )
+    if quality is None:
+        lines += ["Needs ground truth: run on dataset images (--dataset NAME)."]
+    else:
+        lines += [
+            "Foreground tokens: the targets of Focus-DETR's foreground selector (FCOS-style, "
+            "per level object-size ranges: the encoder's own, else the reference ranges), "
+            "pooled over the images. Compare each share with the share of valid tokens the "
+            "layer updates (table above): a selector that ignores the image scores the same.",
+            "",
+        ] + quality
+    return lines
+
+
+def _speed_table(configs: Sequence[Dict]) -> List[str]:
+    header = ["config", "device", "model ms", "model ms (min)", "encoder ms", "encoder ms (min)"]
+    header += ["encoder share", "peak memory MiB"]
+    rows = []
+    for config in configs:
+        for device, latency in config["latency"].items():
+            rows.append(
+                [
+                    config["name"],
+                    device,
+                    _number(latency["model_ms"], 1),
+                    _number(latency["model_ms_min"], 1),
+                    _number(latency["encoder_ms"], 1),
+                    _number(latency["encoder_ms_min"], 1),
+                    _number(100 * latency["encoder_ms"] / latency["model_ms"], 1, "%"),
+                    _number(config["peak_memory_mib"].get(device), 1),
+                ]
+            )
+    return _table(header, rows)
+
+
+def _ratio_table(configs: Sequence[Dict], baseline: str) -> List[str]:
+    keys = list(configs[0]["ratios"])
+    for config in configs[1:]:
+        keys += [key for key in config["ratios"] if key not in keys]
+    rows = [
+        [config["name"]] + [_number(config["ratios"].get(key), 3) for key in keys]
+        for config in configs
+    ]
+    lines = ["", f"## Ratios to {baseline} (cost of the config / cost of {baseline})", ""]
+    return lines + _table(["config"] + [key.replace("_", " ") for key in keys], rows)
+
+
+def _sweep_table(points: Sequence[Dict]) -> List[str]:
+    header = ["config", "keep ratio", "AP", "AP50", "GFLOPs", "encoder GFLOPs", "device"]
+    header += ["model ms", "encoder ms"]
+    rows = [
+        [
+            point["name"],
+            "-" if point["keep_ratio"] is None else f"{point['keep_ratio']:g}",
+            _number(point["AP"], 2),
+            _number(point["AP50"], 2),
+            _number(point["gflops"], 2),
+            _number(point["encoder_gflops"], 2),
+            point["device"],
+            _number(point["model_ms"], 1),
+            _number(point["encoder_ms"], 1),
+        ]
+        for point in points
+    ]
+    return _table(header, rows)
+
+
+def format_markdown(report: Dict) -> str:
+    """The markdown of a report dict (see ``focus_detr.tools.analyze``)."""
+    configs = report["configs"]
+    lines = [f"# {report['title']}", ""]
+    lines += [f"- {key}: {value}" for key, value in report["machine"].items()]
+    lines += [f"- {key}: {value}" for key, value in report["settings"].items()]
+    lines += ["", "## Configs", ""]
+    lines += _table(
+        ["config", "file", "encoder", "keep ratio", "weights", "input"],
+        [
+            [
+                config["name"],
+                config["config_file"],
+                config["encoder"],
+                "-" if config["keep_ratio"] is None else f"{config['keep_ratio']:g}",
+                config["weights"] or "random",
+                config["input"],
+            ]
+            for config in configs
+        ],
+    )
+    lines += ["", "## Parameters (millions)", ""]
+    lines += _parts_table(configs, "parameters", 1e6, 2)
+    lines += ["", "## GFLOPs per image (fvcore: one multiply-add = one flop)", ""]
+    lines += _parts_table(configs, "gflops", 1.0, 2)
+    uncounted = sorted({op for config in configs for op in config["uncounted_ops"]})
+    lines += ["", f"Not counted (no FLOP handle): {', '.join(uncounted) or 'none'}."]
+    lines += ["", "## Latency (ms per image: median and fastest) and peak memory", ""]
+    lines += _speed_table(configs)
+    if report.get("baseline"):
+        lines += _ratio_table(configs, report["baseline"])
+    lines += _token_tables(configs)
+    if report.get("sweep"):
+        lines += ["", "## Keep-ratio sweep: accuracy for speed", ""]
+        lines += [f"{report['sweep_evaluation']}.", ""]
+        lines += _sweep_table(report["sweep"])
+        if report.get("files", {}).get("plot"):
+            lines += ["", f"![AP against GFLOPs]({report['files']['plot']})"]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(value):
+    """``value`` with non-finite floats replaced by None (strict JSON) and tuples as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): to_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(item) for item in value]
+    return value
+
+
+def write_json(report: Dict, path: str) -> None:
+    """Write the report as strict JSON (no NaN / Infinity)."""
+    with open(path, "w") as f:
+        json.dump(to_json(report), f, indent=2, allow_nan=False)
+        f.write("\n")

@@ -28,7 +28,12 @@ import torch
 
 import focus_detr.data  # noqa: F401  (registers the synthetic shapes datasets)
 from focus_detr.tools.analysis.memory import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD
-from focus_detr.tools.analysis.models import AnalysisError, load_analyzed_configs, resolve_name
+from focus_detr.tools.analysis.models import (
+    AnalysisError,
+    build_analysis_model,
+    load_analyzed_configs,
+    resolve_name,
+)
 from focus_detr.tools.analysis.plot import plot_sweep
 from focus_detr.tools.analysis.report import format_markdown, write_json
 from focus_detr.tools.analysis.runner import (
@@ -81,6 +86,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         nargs="+",
         metavar="R",
         help="keep ratios in (0, 1] for Focus / Sparse DETR encoders: AP, GFLOPs, latency",
+    )
+    parser.add_argument(
+        "--foreground-ranges-of",
+        metavar="NAME",
+        help="token quality: use this config's foreground size ranges for every config "
+        "(default: those of the first config whose encoder has them, e.g. Focus, for all)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory")
     parser.add_argument("--output", metavar="DIR", help="write analysis.md / .json (and PNG)")
@@ -138,6 +149,27 @@ def _settings_notes(args, devices) -> dict:
     return notes
 
 
+def shared_foreground_ranges(configs, name: Optional[str], names: List[str]):
+    """
+    One definition of the foreground tokens for the token quality of every config: the ranges of
+    the config ``name``, else of the first config whose encoder has foreground ranges (Focus);
+    None when no config has them (each encoder then uses the default ranges).
+    """
+    candidates = configs
+    if name is not None:
+        candidates = [configs[names.index(resolve_name(name, names))]]
+    for config in candidates:
+        model = build_analysis_model(config, torch.device("cpu"))
+        ranges = getattr(getattr(model.encoder, "foreground_loss", None), "ranges", None)
+        if ranges is not None:
+            return [tuple(pair) for pair in ranges]
+        if name is not None:
+            raise AnalysisError(
+                f"--foreground-ranges-of {name}: its encoder has no foreground ranges"
+            )
+    return None
+
+
 def run(args) -> dict:
     """Analyze every config and return the report dict (JSON-ready but for non-finite floats)."""
     if args.threads is not None:
@@ -160,6 +192,7 @@ def run(args) -> dict:
         memory=not args.no_memory,
         sweep_keep_ratios=args.sweep_keep_ratio,
         overrides=args.opts,
+        foreground_ranges=shared_foreground_ranges(configs, args.foreground_ranges_of, names),
     )
     results = [analyze_config(config, settings) for config in configs]
     if baseline is not None:

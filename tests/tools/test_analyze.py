@@ -14,11 +14,13 @@ from focus_detr.modeling import compute_foreground_targets
 from focus_detr.tools import analyze
 from focus_detr.tools.analysis.inputs import dataset_inputs, random_inputs
 from focus_detr.tools.analysis.models import MODEL_PARTS, load_analyzed_configs
-from focus_detr.tools.analysis.tokens import foreground_size_ranges
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FIELDS = ("parameters", "gflops", "latency", "peak_memory_mib", "tokens", "ratios")
+
+
+FOCUS_RANGES = [(-1.0, 12.0), (12.0, 24.0), (24.0, 48.0), (48.0, float("inf"))]
 
 
 def _write_config(folder, names, encoder: str, **encoder_values) -> str:
@@ -44,7 +46,8 @@ def tiny(tmp_path_factory):
     """Focus (keep ratio 0.3) and dense tiny configs on a tiny shapes dataset, with weights."""
     folder = tmp_path_factory.mktemp("analyze")
     names = helpers.register_tiny_shapes(folder / "shapes", f"test_analyze_{os.getpid()}")
-    focus = _write_config(folder, names, "focus", keep_ratio=0.3)
+    # foreground ranges other than the defaults: the token quality of every config uses them
+    focus = _write_config(folder, names, "focus", keep_ratio=0.3, foreground_ranges=FOCUS_RANGES)
     dense = _write_config(folder, names, "dense")
     weights = [
         _save_weights(focus, str(folder / "focus.pth"), 0),
@@ -154,6 +157,10 @@ def test_token_quality_on_dataset_images_with_weights(tiny, tmp_path, capsys):
     assert "## Token quality" in out and "Needs ground truth" not in out
     with open(tmp_path / "analysis.json") as f:
         report = json.load(f)
+    # one definition of the foreground for both configs: the Focus config's ranges
+    assert report["configs"][0]["token_quality"]["ranges"] == (
+        report["configs"][1]["token_quality"]["ranges"]
+    )
     # the same images, through the test mapper keeping the boxes, with the same weights
     for config_file, weights, result in zip(tiny.configs, tiny.weights, report["configs"]):
         assert result["weights"] == weights
@@ -162,7 +169,7 @@ def test_token_quality_on_dataset_images_with_weights(tiny, tmp_path, capsys):
         model = instantiate(cfg.model)
         model.load_state_dict(torch.load(weights, weights_only=True)["model"])
         model.eval()
-        ranges = foreground_size_ranges(model.encoder, 4)
+        ranges = FOCUS_RANGES
         covered, total = 0, 0
         with torch.no_grad():
             for item in inputs:

@@ -44,6 +44,9 @@ class AnalysisSettings:
         memory: measure the peak memory.
         sweep_keep_ratios: keep ratios of the accuracy-for-speed sweep (None: no sweep).
         overrides: the config overrides (for the CPU memory subprocess).
+        foreground_ranges: the object-size ranges of the foreground tokens for the token
+            quality of EVERY config (one definition for a like-for-like comparison); None: each
+            encoder's own (Focus's ``foreground_loss.ranges``, else the default ranges).
     """
 
     size: Optional[Tuple[int, int]] = None
@@ -55,6 +58,7 @@ class AnalysisSettings:
     memory: bool = True
     sweep_keep_ratios: Optional[List[float]] = None
     overrides: Sequence[str] = ()
+    foreground_ranges: Optional[List[Tuple[float, float]]] = None
 
     def inputs(self, cfg) -> Tuple[List[Dict], str]:
         """The inputs of a config, and their description."""
@@ -152,7 +156,7 @@ def analyze_config(config: AnalyzedConfig, settings: AnalysisSettings) -> Dict:
     for index, device in enumerate(settings.devices):
         model.to(device)
         if index == 0:
-            statistics = collect_token_statistics(model, inputs)
+            statistics = collect_token_statistics(model, inputs, settings.foreground_ranges)
             result["tokens"] = statistics.tokens_summary()
             result["token_quality"] = statistics.quality_summary()
         logger.info(f"{config.name}: timing on {device}")

@@ -132,12 +132,17 @@ class TokenStatistics:
         }
 
 
-def collect_token_statistics(model: nn.Module, inputs: Sequence[Dict]) -> TokenStatistics:
+def collect_token_statistics(
+    model: nn.Module,
+    inputs: Sequence[Dict],
+    ranges: Optional[Sequence[Tuple[float, float]]] = None,
+) -> TokenStatistics:
     """
     Run ``model.inference(..., return_details=True)`` on every input (batch 1) and collect
     what the encoder updated. When every input has ground-truth ``instances`` (in the resized
     image, as a dataset mapper in training mode gives them), the foreground tokens are those of
-    :func:`foreground_token_mask` with :func:`foreground_size_ranges` of the encoder.
+    :func:`foreground_token_mask` with ``ranges`` (default: :func:`foreground_size_ranges` of
+    the encoder).
     """
     if model.training:
         raise ValueError("collect token statistics of a model in eval mode")
@@ -149,7 +154,11 @@ def collect_token_statistics(model: nn.Module, inputs: Sequence[Dict]) -> TokenS
             features = details.features
             foreground = None
             if with_truth:
-                statistics.ranges = foreground_size_ranges(model.encoder, features.num_levels)
+                statistics.ranges = (
+                    [tuple(pair) for pair in ranges]
+                    if ranges is not None
+                    else foreground_size_ranges(model.encoder, features.num_levels)
+                )
                 targets = instances_to_targets(
                     [item["instances"].to(features.padding_mask.device)],
                     details.images.image_sizes,

@@ -5,7 +5,10 @@ Mixed precision chosen for the machine: ``train.amp.enabled`` = ``True``, ``Fals
 model's sizes and a 3x3 convolution block, forward and backward) in float32 and under bfloat16
 autocast, and uses bfloat16 only when it is measured faster: CPUs without native bfloat16
 instructions (or a process limited by ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA``) emulate it,
-many times slower than float32. On CUDA ``"auto"`` uses autocast on GPUs with tensor cores
+many times slower than float32. When that timing does not show emulated bfloat16 and the model is
+given (training), the model's own training step on a batch of the config's size decides
+(``step_probe``): channels-last convolutions, the parts autocast leaves in float32 and the casts
+can make a step slower than its ops. On CUDA ``"auto"`` uses autocast on GPUs with tensor cores
 (compute capability >= 7.0): bfloat16 from 8.0 on (float32's exponent range, no loss scaling),
 float16 with a gradient scaler before. Forced ``True`` uses the same dtype without the question.
 """
@@ -30,6 +33,9 @@ logger = logging.getLogger(__name__)
 # much of an op-level gain: on a Sapphire Rapids core (AMX), ops 2.3x faster made the demo's step
 # 1.4x faster, while for a 32-channel test model ops 1.25x faster made its step slower.
 MIN_SPEEDUP = 1.5
+# With the model's own training step timed (amp_from_config with the model), bfloat16 is chosen
+# when that step is at least this much faster: it already includes every cast and float32 part.
+MIN_STEP_SPEEDUP = 1.05
 # bfloat16 this many times slower than float32 on the screening problems ends the timing: emulated
 # bfloat16 is 10-100x slower per op (a second and more per run of the full problems), native
 # bfloat16 about as fast as float32 on these small problems.
@@ -193,7 +199,7 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def _auto(device: torch.device, probe, hidden_dim: int, ffn_dim: int) -> AmpChoice:
+def _auto(device: torch.device, probe, hidden_dim: int, ffn_dim: int, step_probe=None) -> AmpChoice:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major < 7:
@@ -204,16 +210,21 @@ def _auto(device: torch.device, probe, hidden_dim: int, ffn_dim: int) -> AmpChoi
     if device.type != "cpu":
         return AmpChoice(False, None, f"no measured choice for device type {device.type!r}")
     result = (probe or measure_cpu_bfloat16)(hidden_dim=hidden_dim, ffn_dim=ffn_dim)
+    threshold = MIN_SPEEDUP
+    if step_probe is not None and not result.stopped_early:
+        # bfloat16 is not emulated: the model's own step decides (channels-last convolutions,
+        # the float32 parts and the casts can make it slower than the op timing promises)
+        result, threshold = step_probe(), MIN_STEP_SPEEDUP
     speedup = result.float32_s / max(result.bfloat16_s, 1e-9)
     times = (
         f"float32 {1000 * result.float32_s:.2f} ms, bfloat16 {1000 * result.bfloat16_s:.2f} ms"
         f"{' (stopped early)' if result.stopped_early else ''}; {result.description}; "
         f"{_cpu_isa()}"
     )
-    if speedup >= MIN_SPEEDUP:
+    if speedup >= threshold:
         return AmpChoice(True, torch.bfloat16, f"bfloat16 measured {speedup:.2f}x faster: {times}")
     if speedup >= 1.0:
-        measured = f"only {speedup:.2f}x faster (< {MIN_SPEEDUP}x)"
+        measured = f"only {speedup:.2f}x faster (< {threshold}x)"
     else:
         measured = f"{1 / speedup:.2f}x slower"
     return AmpChoice(False, None, f"bfloat16 measured {measured}: {times}")
@@ -226,6 +237,7 @@ def resolve_amp(
     probe: Optional[Callable[..., ProbeResult]] = None,
     hidden_dim: int = 256,
     ffn_dim: int = 1024,
+    step_probe: Optional[Callable[[], ProbeResult]] = None,
 ) -> AmpChoice:
     """
     Decide whether to train under autocast on ``device`` and in which dtype, and log it once.
@@ -235,11 +247,14 @@ def resolve_amp(
         probe: the CPU timing, called as ``probe(hidden_dim=, ffn_dim=)`` and returning a
             :class:`ProbeResult`; default :func:`measure_cpu_bfloat16`.
         hidden_dim, ffn_dim: the model's channels and feed-forward width (sizes of the timing).
+        step_probe: optional timing of the model's own training step (a zero-argument callable
+            returning a :class:`ProbeResult`, e.g. ``step_probe.model_step_probe``): when the op
+            timing does not show emulated bfloat16, this decides, with ``MIN_STEP_SPEEDUP``.
     """
     _check_setting(setting)
     device = torch.device(device)
     if setting == "auto":
-        choice = _auto(device, probe, hidden_dim, ffn_dim)
+        choice = _auto(device, probe, hidden_dim, ffn_dim, step_probe)
         how = "auto"
     elif setting:
         choice = AmpChoice(True, _default_dtype(device), "forced by train.amp.enabled=True")
@@ -252,11 +267,15 @@ def resolve_amp(
     return choice
 
 
-def amp_from_config(cfg, device: Union[str, torch.device]) -> AmpChoice:
+def amp_from_config(
+    cfg, device: Union[str, torch.device], model: Optional[torch.nn.Module] = None
+) -> AmpChoice:
     """
     :func:`resolve_amp` for ``cfg.train.amp.enabled`` (default False) with the sizes of
-    ``cfg.model`` (``hidden_dim``, ``encoder.ffn_dim``). With several processes rank 0 decides
-    ``"auto"`` for all of them: every process trains in the same precision.
+    ``cfg.model`` (``hidden_dim``, ``encoder.ffn_dim``). Given the (not yet data-parallel)
+    ``model``, "auto" on the CPU also times its own training step on a batch of the config's
+    image size. With several processes rank 0 decides ``"auto"`` for all of them: every process
+    trains in the same precision.
     """
     setting = OmegaConf.select(cfg, "train.amp.enabled", default=False)
     _check_setting(setting)
@@ -264,6 +283,10 @@ def amp_from_config(cfg, device: Union[str, torch.device]) -> AmpChoice:
         hidden_dim=int(OmegaConf.select(cfg, "model.hidden_dim", default=256)),
         ffn_dim=int(OmegaConf.select(cfg, "model.encoder.ffn_dim", default=1024)),
     )
+    if setting == "auto" and model is not None and torch.device(device).type == "cpu":
+        from .step_probe import model_step_probe  # step_probe imports this module
+
+        sizes["step_probe"] = model_step_probe(model, cfg)
     if setting != "auto" or comm.get_world_size() == 1:
         return resolve_amp(setting, device, **sizes)
     choice = resolve_amp(setting, device, **sizes) if comm.is_main_process() else None

@@ -84,8 +84,9 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
             decay=OmegaConf.select(cfg, "train.ema.decay", default=0.9998),
             warmup=OmegaConf.select(cfg, "train.ema.warmup", default=2000),
         )
+    # True, False or "auto" (which may time the model's own step: before DDP wraps it)
+    amp = amp_from_config(cfg, next(model.parameters()).device, model)
     ddp_model = wrap_ddp(model, **cfg.train.ddp)
-    amp = amp_from_config(cfg, next(model.parameters()).device)  # True, False or "auto"
     clip_enabled = OmegaConf.select(cfg, "train.clip_grad.enabled", default=True)
     trainer = DETRTrainer(
         ddp_model,

@@ -14,7 +14,7 @@ import torch
 from detectron2.config import LazyConfig
 from helpers import REPO_ROOT, build_tiny_model, tiny_model_config, tiny_train_config
 
-from focus_detr.engine import DETRTrainer, do_train, precision, train_loop
+from focus_detr.engine import DETRTrainer, do_train, precision, step_probe, train_loop
 from focus_detr.engine.precision import (
     MIN_SPEEDUP,
     AmpChoice,
@@ -175,10 +175,18 @@ def test_do_train_uses_the_measured_choice(shapes, tmp_path, monkeypatch, precis
 
     monkeypatch.setattr(train_loop, "build_model", build_with_probe)
     monkeypatch.setattr(precision, "measure_cpu_bfloat16", _probe(20.0, 10.0))
+    timed_steps = []
+
+    def step_timing(model, batch, **kwargs):
+        timed_steps.append(len(batch))
+        return precision.ProbeResult(2.0, 1.0, False, "the model's step")
+
+    monkeypatch.setattr(step_probe, "measure_model_step", step_timing)
     cfg = tiny_train_config(tmp_path, shapes.names, max_iter=1)
     cfg.train.amp.enabled = "auto"
     del cfg.dataloader.evaluator
     do_train(cfg)
+    assert timed_steps == [2]  # the config's batch of 2 images was timed
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert sum("Precision on cpu (auto)" in r.getMessage() for r in precision_log.records) == 1
 
@@ -217,3 +225,43 @@ def test_auto_picks_float32_where_bfloat16_is_emulated():
     first, reason = result.stdout.splitlines()[:2]
     assert first.split()[0] == "False", result.stdout
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in reason and "slower" in reason
+
+
+def test_the_model_step_decides_when_bfloat16_is_native(monkeypatch):
+    """With the model given, a non-emulated op timing hands the decision to the model's step."""
+    from focus_detr.engine import precision
+
+    native_ops = lambda **sizes: precision.ProbeResult(1.0, 0.5, False, "ops")  # noqa: E731
+    emulated = lambda **sizes: precision.ProbeResult(1.0, 20.0, True, "ops")  # noqa: E731
+    slower_step = lambda: precision.ProbeResult(0.5, 0.6, False, "step")  # noqa: E731
+    faster_step = lambda: precision.ProbeResult(0.6, 0.5, False, "step")  # noqa: E731
+    choice = precision.resolve_amp("auto", "cpu", probe=native_ops, step_probe=slower_step)
+    assert not choice.enabled and "step" in choice.reason
+    choice = precision.resolve_amp("auto", "cpu", probe=native_ops, step_probe=faster_step)
+    assert choice.enabled and choice.dtype == torch.bfloat16
+    # emulated bfloat16 ends the timing before the (slow) model step is tried
+    calls = []
+    choice = precision.resolve_amp(
+        "auto", "cpu", probe=emulated, step_probe=lambda: calls.append(1) or faster_step()
+    )
+    assert not choice.enabled and calls == []
+
+
+def test_model_step_probe_leaves_the_model_unchanged():
+    from detectron2.config import instantiate
+    from helpers import tiny_model_config
+
+    from focus_detr.engine.step_probe import measure_model_step, probe_batch
+
+    torch.manual_seed(0)
+    model = instantiate(tiny_model_config()).eval()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    result = measure_model_step(model, probe_batch(64, num_images=2, num_classes=3), runs=1)
+    assert (
+        result.float32_s > 0 and result.bfloat16_s > 0 and "2 images of 64x64" in result.description
+    )
+    assert not model.training  # restored
+    assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -255,3 +255,24 @@ def test_bfloat16_autocast_step_on_tiny_images(tiny_model):
     _check_losses(losses, tiny_model)
     sum(losses.values()).backward()
     _check_gradients(tiny_model)
+
+
+def test_channels_last_gives_the_same_losses_and_gradients(tiny_batched_inputs):
+    results = []
+    for channels_last in (False, True):
+        cfg = tiny_model_config()
+        cfg.channels_last = channels_last
+        torch.manual_seed(0)
+        model = instantiate(cfg).train()
+        assert (
+            model.backbone.res2[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+            == channels_last
+        )
+        torch.manual_seed(1)
+        losses = model(tiny_batched_inputs)
+        sum(losses.values()).backward()
+        results.append((losses, model.neck.projections[0][0].weight.grad.clone()))
+    (plain, plain_grad), (last, last_grad) = results
+    for name in plain:
+        torch.testing.assert_close(last[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(last_grad, plain_grad, rtol=1e-3, atol=1e-5)

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # Configs of other backbones (RegNet, Swin, ViT, ...) are tested by their authors: this file only
 # knows how to shrink the ResNet configs and the demo.
 _CONFIG_NAME = re.compile(
-    r"^(focus_detr|dino|sparse_detr|lite_detr)_(r50_4scale_\d+ep|r101_4scale_\d+ep|demo_\w+)\.py$"
+    r"^(focus_detr|dino|sparse_detr|lite_detr)_"
+    r"(r50_(\w+_)?4scale_\d+ep|r101_4scale_\d+ep|demo_\w+)\.py$"
 )
 CONFIG_FILES = sorted(name for name in os.listdir(CONFIG_DIR) if _CONFIG_NAME.match(name))
 COCO_CONFIGS = [name for name in CONFIG_FILES if "demo" not in name]
@@ -55,6 +56,33 @@ def test_encoder_configs_differ_only_in_the_encoder(variant):
             cfg.train.output_dir = "./output"
         assert LazyConfig.to_py(other) == LazyConfig.to_py(focus), kind
         focus = _load(ENCODER_CONFIGS["focus"].format(variant))
+
+
+@pytest.mark.parametrize(
+    "variant, parent, key, value",
+    [
+        (
+            "sparse_detr_r50_rho30_4scale_12ep.py",
+            "sparse_detr_r50_4scale_12ep.py",
+            "keep_ratio",
+            0.3,
+        ),
+        (
+            "lite_detr_r50_keyaware_4scale_12ep.py",
+            "lite_detr_r50_4scale_12ep.py",
+            "key_aware",
+            True,
+        ),
+    ],
+)
+def test_encoder_variants_change_one_value(variant, parent, key, value):
+    """The variants of the four-way comparison differ from their parent config in one value."""
+    child, base = _load(variant), _load(parent)
+    assert child.model.encoder[key] == value != base.model.encoder[key]
+    for cfg in (child, base):
+        cfg.model.encoder.pop(key)
+        cfg.train.output_dir = "./output"
+    assert LazyConfig.to_py(child) == LazyConfig.to_py(base)
 
 
 def test_all_expected_configs_are_found():
@@ -210,11 +238,11 @@ def test_demo_dataloaders_and_evaluator_on_tiny_shapes(tmp_path):
     batch = next(iter(instantiate(cfg.dataloader.train)))
     assert len(batch) == 2
     for item in batch:
-        # the demo trains at a long side of 256 pixels
-        assert max(item["image"].shape[1:]) == 256
+        # the demo trains at a long side of 192 pixels
+        assert max(item["image"].shape[1:]) == 192
         assert len(item["instances"]) > 0
     (item,) = next(iter(instantiate(cfg.dataloader.test)))
-    assert max(item["image"].shape[1:]) == 256
+    assert max(item["image"].shape[1:]) == 192
     assert max(item["height"], item["width"]) <= 96
 
     evaluator = instantiate(cfg.dataloader.evaluator)

@@ -1,7 +1,8 @@
 """Compare DETR encoders on one decoder: parameters, GFLOPs, latency, memory, tokens, keep ratio.
 
     python -m focus_detr.tools.analyze --config-file A.py [B.py ...] [--weights WA WB ...]
-        [--names a b ...] [--size H W | --dataset NAME] [--num-images N] [--threads T]
+        [--names a b ...] [--size H W | --dataset NAME] [--num-images N] [--eval-images N]
+        [--threads T]
         [--device cpu cuda] [--warmup W] [--iters I] [--baseline NAME]
         [--sweep-keep-ratio R1 R2 ...] [--no-memory] [--output DIR] [KEY=VALUE ...]
 
@@ -68,7 +69,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--num-images",
         type=int,
         metavar="N",
-        help="--dataset: images analyzed (default 1); sweep: test images evaluated (default all)",
+        help="--dataset: images analyzed (default 1)",
+    )
+    parser.add_argument(
+        "--eval-images",
+        type=int,
+        metavar="N",
+        help="sweep: first N test images evaluated for AP (default all)",
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument(
@@ -102,8 +109,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.opts = overrides
     if args.size is not None and min(args.size) < 1:
         parser.error(f"--size needs positive H W, got {args.size}")
-    if args.num_images is not None and args.num_images < 1:
-        parser.error(f"--num-images must be >= 1, got {args.num_images}")
+    for option in ("num_images", "eval_images"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.warmup < 0 or args.iters < 1:
@@ -186,6 +195,7 @@ def run(args) -> dict:
         size=tuple(args.size) if args.size else None,
         dataset=args.dataset,
         num_images=args.num_images,
+        eval_images=args.eval_images,
         devices=devices,
         warmup=args.warmup,
         iters=args.iters,
@@ -210,7 +220,7 @@ def run(args) -> dict:
     }
     if args.sweep_keep_ratio:
         report["sweep"] = [point for result in results for point in result.pop("sweep")]
-        limit = f"first {args.num_images} images" if args.num_images else "all images"
+        limit = f"first {args.eval_images} images" if args.eval_images else "all images"
         report["sweep_evaluation"] = (
             f"AP / AP50: each config's dataloader.test and dataloader.evaluator ({limit}); "
             f"GFLOPs and latency: the analysis inputs, on {devices[0]}"

@@ -58,6 +58,8 @@ def _command(config_file, output_dir, num_processes, resume=False):
         "train.eval_period=0",
         "train.device=cpu",
         "dataloader.train.total_batch_size=4",
+        # a loader worker process, whose random streams a resumed run must reproduce
+        "dataloader.train.num_workers=1",
     ]
 
 

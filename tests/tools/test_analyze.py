@@ -202,13 +202,14 @@ def test_token_quality_on_dataset_images_with_weights(tiny, tmp_path, capsys):
 
 def test_keep_ratio_sweep_writes_the_table_and_plot(tiny, tmp_path, capsys):
     argv = ["--config-file", *tiny.configs, "--names", "focus", "dense"]
-    argv += ["--size", 64, 64, "--num-images", 2, "--no-memory", "--warmup", 0, "--iters", 1]
-    argv += ["--sweep-keep-ratio", 0.2, 0.8, "--output", tmp_path]
+    argv += ["--size", 64, 64, "--no-memory", "--warmup", 0, "--iters", 1]
+    argv += ["--sweep-keep-ratio", 0.2, 0.8, "--eval-images", 2, "--output", tmp_path]
     out = _run(argv, capsys)
     assert "## Keep-ratio sweep" in out
     with open(tmp_path / "analysis.json") as f:
         report = json.load(f)
     points = report["sweep"]
+    assert "(first 2 images)" in report["sweep_evaluation"]
     assert [(p["name"], p["keep_ratio"]) for p in points] == [
         ("focus", 0.2),
         ("focus", 0.8),
@@ -255,6 +256,8 @@ def test_bad_inputs_error_clearly(tiny, tmp_path, capsys):
     assert "dataset 'no_such_dataset' is not registered" in err
     err = _error(["--config-file", focus, "--size", 0, 64], capsys)
     assert "--size needs positive" in err
+    err = _error(["--config-file", focus, "--eval-images", 0], capsys)
+    assert "--eval-images must be >= 1, got 0" in err
     if not torch.cuda.is_available():
         assert "CUDA is not available" in _error(
             ["--config-file", focus, "--device", "cuda"], capsys

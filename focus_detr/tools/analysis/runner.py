@@ -37,8 +37,8 @@ class AnalysisSettings:
     Attributes:
         size: (H, W) of the random input image; None with ``dataset``.
         dataset: registered dataset whose first ``num_images`` images are the inputs.
-        num_images: images of ``dataset``; with a sweep, also the test images evaluated (None:
-            the whole test set).
+        num_images: images of ``dataset`` (None: 1).
+        eval_images: test images the sweep evaluates AP on (None: the whole test set).
         devices: devices timed (the first also runs the token statistics and the sweep).
         warmup, iters: untimed and timed passes over the inputs.
         memory: measure the peak memory.
@@ -52,6 +52,7 @@ class AnalysisSettings:
     size: Optional[Tuple[int, int]] = None
     dataset: Optional[str] = None
     num_images: Optional[int] = None
+    eval_images: Optional[int] = None
     devices: List[torch.device] = field(default_factory=lambda: [torch.device("cpu")])
     warmup: int = 2
     iters: int = 5
@@ -112,7 +113,7 @@ def _sweep(config, model, inputs, settings: AnalysisSettings, result) -> List[Di
             gflops, latency = result["gflops"], result["latency"][str(device)]
         model.to(device)
         logger.info(f"{config.name}: evaluating keep ratio {value}")
-        ap = evaluate_box_ap(config.cfg, model, num_images=settings.num_images)
+        ap = evaluate_box_ap(config.cfg, model, num_images=settings.eval_images)
         points.append(
             {
                 "name": config.name,

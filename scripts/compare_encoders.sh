@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The encoder comparison on the built-in dataset (README, "Encoders compared"): trains the four
+# demo-size encoders (dense DINO, Sparse DETR, Lite DETR, Focus) with the demo's schedule on one
+# decoder, then measures them with the analysis tool: AP, AP50, GFLOPs, latency, tokens updated
+# per layer, token quality, and the keep-ratio sweep of Focus and Sparse DETR (AP against GFLOPs).
+#     bash scripts/compare_encoders.sh [OUTPUT_DIR] [config overrides for training]
+# A model already trained in OUTPUT_DIR (its model_final.pth exists) is reused, not retrained.
+# Every encoder trains in float32 (train.amp.enabled=False) so that the four runs compute alike on
+# any CPU; "auto" could pick bfloat16 for one encoder and not for another. Override it after
+# OUTPUT_DIR like any config value.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=setup_env.sh
+source "$ROOT/scripts/setup_env.sh"
+focus_detr_setup
+cd "$ROOT"
+OUTPUT_DIR="${1:-output/compare_encoders}"
+shift || true
+
+NAMES=(focus dino sparse lite)
+CONFIGS=(
+  configs/focus_detr_demo_shapes.py
+  configs/dino_demo_shapes.py
+  configs/sparse_detr_demo_shapes.py
+  configs/lite_detr_demo_shapes.py
+)
+WEIGHTS=()
+for i in "${!NAMES[@]}"; do
+  out="$OUTPUT_DIR/${NAMES[$i]}"
+  if [ ! -f "$out/model_final.pth" ]; then
+    echo "[compare] training ${NAMES[$i]} (${CONFIGS[$i]}) into $out"
+    "$PYTHON" train_net.py --config-file "${CONFIGS[$i]}" train.output_dir="$out" \
+      train.amp.enabled=False "$@"
+  fi
+  WEIGHTS+=("$out/model_final.pth")
+done
+
+echo "[compare] analysis (one process, one machine) into $OUTPUT_DIR/analysis"
+"$PYTHON" -m focus_detr.tools.analyze --config-file "${CONFIGS[@]}" --weights "${WEIGHTS[@]}" \
+  --names "${NAMES[@]}" --baseline dino --dataset focus_detr_shapes_val --num-images 20 \
+  --threads 2 --sweep-keep-ratio 0.1 0.2 0.3 0.5 0.7 1.0 --output "$OUTPUT_DIR/analysis"
+echo "[compare] table: $OUTPUT_DIR/analysis/analysis.md"

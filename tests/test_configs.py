@@ -104,7 +104,7 @@ def test_config_loads_with_every_section(name):
 
 @pytest.mark.parametrize("name", COCO_CONFIGS)
 def test_coco_config_schedule_and_backbone(name):
-    match = re.match(r"\w+_r(\d+)_4scale_(\d+)ep\.py", name)
+    match = re.match(r"\w+_r(\d+)_(?:\w+_)?4scale_(\d+)ep\.py", name)
     depth, epochs = int(match.group(1)), int(match.group(2))
     cfg = _load(name)
     assert cfg.model.backbone.stages.depth == depth

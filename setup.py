@@ -28,7 +28,9 @@ def _extensions():
     with_cuda = CUDA_HOME is not None and (torch.cuda.is_available() or force_cuda)
     if force_cuda and CUDA_HOME is None:
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
-    cxx_flags = ["-O3", "-std=c++20"]  # the headers of torch 2.14 need C++20
+    # the headers of torch 2.14 need C++20; -g0 drops the debug information that Python's own
+    # CFLAGS ask for (a third of the compile time; the library is 0.14 MB instead of 4.4 MB)
+    cxx_flags = ["-O3", "-g0", "-std=c++20"]
     link_flags = []
     if sys.platform.startswith("linux"):
         # ATen's parallel_for is an OpenMP region compiled into the extension: without -fopenmp
@@ -52,7 +54,8 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    # ninja (when installed) compiles the sources in parallel; torch falls back to setuptools
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

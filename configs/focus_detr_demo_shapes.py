@@ -1,8 +1,10 @@
 # The README's main job: Focus-DETR trained from scratch on the built-in synthetic shapes dataset
 # on a 2-core CPU in minutes. The full Focus encoder (foreground token selector, cascade
 # sparsification, dual attention) and DINO decoder (two-stage queries, contrastive denoising), with
-# a narrow ResNet-18-style backbone, 128 channels, 4 heads, 3 + 3 layers and 100 queries, trained
-# on images of long side 192, in bfloat16 autocast where the CPU runs it faster than float32.
+# a narrow ResNet-10-style backbone (one basic block per stage: two cost ~12% more per step for
+# AP50 within about a point on this dataset), 128 channels, 4 heads, 3 + 3 layers, 100 queries,
+# 1000 steps of 8 images of long side 192, in bfloat16 autocast where the CPU runs it faster than
+# float32.
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
@@ -18,10 +20,10 @@ _WIDTHS = (32, 64, 128, 256)
 def _stage(index: int):
     return L(ResNet.make_stage)(
         block_class=BasicBlock,
-        num_blocks=2,
+        num_blocks=1,
         in_channels=_WIDTHS[max(index - 1, 0)],
         out_channels=_WIDTHS[index],
-        stride_per_block=[1 if index == 0 else 2, 1],
+        stride_per_block=[1 if index == 0 else 2],
         norm="BN",
     )
 

@@ -43,66 +43,70 @@ _focus_detr_setup_steps() {
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
     || _focus_detr_fail "$("$PYTHON" --version 2>&1) is too old" "use Python >= 3.9 (set PYTHON=...)"
 
+  # What is there already: one interpreter checks every component (scripts/check_env.py), from /
+  # so that this checkout cannot shadow the installed package.
+  local found
+  found="$(cd / && "$PYTHON" "$FOCUS_DETR_ROOT/scripts/check_env.py" "$FOCUS_DETR_ROOT" \
+    $([ "$dev" = 1 ] && echo --dev) 2>/dev/null)" || found=""
+  _focus_detr_found() { echo "$found" | grep -q "^$1 ok"; }
+
   # 1. torch + torchvision whose compiled ops load together.
-  if "$PYTHON" -c 'import torch, torchvision
-from torchvision.ops import nms
-nms(torch.zeros(1, 4), torch.zeros(1), 0.5)' >/dev/null 2>&1; then
-    _focus_detr_say "torch/torchvision: $("$PYTHON" -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)' 2>/dev/null) (kept)"
-  elif [ -n "${FOCUS_DETR_TORCH_PAIR:-}" ]; then
-    _focus_detr_say "torch/torchvision missing or their compiled ops do not load: installing $TORCH_PAIR (FOCUS_DETR_TORCH_PAIR, not hash-checked)"
-    # shellcheck disable=SC2086
-    "$PYTHON" -m pip install --quiet $TORCH_PAIR \
-      || _focus_detr_fail "pip install $TORCH_PAIR" "check the network/pip index, or install a matching torch/torchvision pair yourself and rerun"
+  local torch_version
+  if _focus_detr_found torch; then
+    _focus_detr_say "torch/torchvision: $(echo "$found" | sed -n 's/^torch ok //p') (kept)"
+    torch_version="$(echo "$found" | sed -n 's/^torch ok \([^ ]*\).*/\1/p')"
   else
-    _focus_detr_say "torch/torchvision missing or their compiled ops do not load: installing $TORCH_PAIR, wheels checked against scripts/requirements-torch.txt"
-    "$PYTHON" -m pip install --quiet --require-hashes --no-deps -r "$FOCUS_DETR_ROOT/scripts/requirements-torch.txt" \
-      || _focus_detr_fail "pip install --require-hashes -r scripts/requirements-torch.txt" "a hash mismatch means the downloaded wheels are not the pinned ones; without a wheel for this Python/platform install a torch/torchvision pair yourself (or set FOCUS_DETR_TORCH_PAIR) and rerun"
-    # their dependencies, at the versions the verified wheels' metadata pins
-    # shellcheck disable=SC2086
-    "$PYTHON" -m pip install --quiet $TORCH_PAIR \
-      || _focus_detr_fail "pip install the dependencies of $TORCH_PAIR" "check the network/pip index and rerun"
+    if [ -n "${FOCUS_DETR_TORCH_PAIR:-}" ]; then
+      _focus_detr_say "torch/torchvision missing or their compiled ops do not load: installing $TORCH_PAIR (FOCUS_DETR_TORCH_PAIR, not hash-checked)"
+      # shellcheck disable=SC2086
+      "$PYTHON" -m pip install --quiet $TORCH_PAIR \
+        || _focus_detr_fail "pip install $TORCH_PAIR" "check the network/pip index, or install a matching torch/torchvision pair yourself and rerun"
+    else
+      _focus_detr_say "torch/torchvision missing or their compiled ops do not load: installing $TORCH_PAIR, wheels checked against scripts/requirements-torch.txt"
+      "$PYTHON" -m pip install --quiet --require-hashes --no-deps -r "$FOCUS_DETR_ROOT/scripts/requirements-torch.txt" \
+        || _focus_detr_fail "pip install --require-hashes -r scripts/requirements-torch.txt" "a hash mismatch means the downloaded wheels are not the pinned ones; without a wheel for this Python/platform install a torch/torchvision pair yourself (or set FOCUS_DETR_TORCH_PAIR) and rerun"
+      # their dependencies, at the versions the verified wheels' metadata pins
+      # shellcheck disable=SC2086
+      "$PYTHON" -m pip install --quiet $TORCH_PAIR \
+        || _focus_detr_fail "pip install the dependencies of $TORCH_PAIR" "check the network/pip index and rerun"
+    fi
+    torch_version="$("$PYTHON" -c 'import torch; print(torch.__version__)')" \
+      || _focus_detr_fail "torch was installed but does not import" "run: $PYTHON -c 'import torch' to see the error"
   fi
 
   # 2. detectron2 (fills in only what is missing).
-  "$PYTHON" "$FOCUS_DETR_ROOT/scripts/install_detectron2.py" \
-    || _focus_detr_fail "installing detectron2" "install detectron2 from source (https://github.com/facebookresearch/detectron2) and rerun"
-  "$PYTHON" -c 'import detectron2.config, detectron2.engine, detectron2.evaluation' >/dev/null 2>&1 \
-    || _focus_detr_fail "detectron2 is installed but does not import" "run: $PYTHON -c 'import detectron2.engine' to see the error"
+  if _focus_detr_found detectron2; then
+    _focus_detr_say "detectron2: importable (kept)"
+  else
+    "$PYTHON" "$FOCUS_DETR_ROOT/scripts/install_detectron2.py" \
+      || _focus_detr_fail "installing detectron2" "install detectron2 from source (https://github.com/facebookresearch/detectron2) and rerun"
+    "$PYTHON" -c 'import detectron2.config, detectron2.engine, detectron2.evaluation' >/dev/null 2>&1 \
+      || _focus_detr_fail "detectron2 is installed but does not import" "run: $PYTHON -c 'import detectron2.engine' to see the error"
+  fi
 
   # 3. test and lint tools.
-  if [ "$dev" = 1 ]; then
-    if ! "$PYTHON" -c 'import pytest, black, isort, flake8, onnx, onnxscript, onnxruntime' >/dev/null 2>&1; then
-      _focus_detr_say "installing pytest, black, isort, flake8, onnx, onnxscript, onnxruntime"
-      "$PYTHON" -m pip install --quiet pytest black isort flake8 \
-        "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0" \
-        || _focus_detr_fail "pip install pytest black isort flake8 onnx onnxscript onnxruntime" "install them yourself and rerun"
-    fi
+  if [ "$dev" = 1 ] && ! _focus_detr_found devtools; then
+    _focus_detr_say "installing pytest, black, isort, flake8, onnx, onnxscript, onnxruntime"
+    "$PYTHON" -m pip install --quiet pytest black isort flake8 \
+      "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0" \
+      || _focus_detr_fail "pip install pytest black isort flake8 onnx onnxscript onnxruntime" "install them yourself and rerun"
   fi
 
   # 4. this package and its extension, rebuilt when sources or torch changed.
   local stamp_file="$FOCUS_DETR_ROOT/build/.focus_detr_extension_stamp"
   local stamp
-  stamp="$(cd "$FOCUS_DETR_ROOT" && { "$PYTHON" -c 'import torch; print(torch.__version__)'; echo "FORCE_CUDA=${FORCE_CUDA:-0}"; cat setup.py; find focus_detr/csrc -type f -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -d' ' -f1)"
-  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
-    && (cd / && "$PYTHON" - "$FOCUS_DETR_ROOT" >/dev/null 2>&1) <<'PY'
-import os, sys
-import focus_detr
-from focus_detr.layers import extension_available
-root = os.path.realpath(sys.argv[1])
-assert os.path.realpath(focus_detr.__file__).startswith(root + os.sep)
-assert extension_available()
-PY
-  then
+  stamp="$(cd "$FOCUS_DETR_ROOT" && { echo "$torch_version"; echo "FORCE_CUDA=${FORCE_CUDA:-0}"; cat setup.py; find focus_detr/csrc -type f -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -d' ' -f1)"
+  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && _focus_detr_found focus_detr; then
     _focus_detr_say "focus_detr: installed from $FOCUS_DETR_ROOT with its extension (kept)"
   else
-    _focus_detr_say "building and installing focus_detr (editable) with its extension: takes a few minutes"
+    _focus_detr_say "building and installing focus_detr (editable) with its extension (C++ kernels; CUDA ones too with a GPU or FORCE_CUDA=1)"
     (cd "$FOCUS_DETR_ROOT" && "$PYTHON" -m pip install --quiet --no-build-isolation -e .) \
       || _focus_detr_fail "building the focus_detr extension" "read the compiler output above; FOCUS_DETR_NO_EXTENSION=1 installs the pure-PyTorch package"
     mkdir -p "$(dirname "$stamp_file")"
     echo "$stamp" >"$stamp_file"
+    (cd / && "$PYTHON" -c 'import focus_detr.layers') \
+      || _focus_detr_fail "import focus_detr after installing it" "run: $PYTHON -c 'import focus_detr.layers' to see the error"
   fi
-  (cd / && "$PYTHON" -c 'import focus_detr.layers') \
-    || _focus_detr_fail "import focus_detr after installing it" "run: $PYTHON -c 'import focus_detr.layers' to see the error"
   _focus_detr_say "ready"
 }
 

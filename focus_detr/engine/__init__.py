@@ -1,15 +1,18 @@
 from .checkpoint import CheckpointError, SafeCheckpointer
 from .data_loader import SampleLoadError, build_resumable_train_loader
 from .ema import ModelEMA
-from .hooks import IterationSeedHook
+from .hooks import BoundedHistoryHook, IterationSeedHook
+from .host_memory import HeapTrimHook, release_free_heap
 from .nonfinite import NonFiniteLossError
 from .preflight import PreflightError, run_preflight
 from .train_loop import build_model, do_test, do_train, load_for_eval, wrap_ddp
 from .trainer import DETRTrainer
 
 __all__ = [
+    "BoundedHistoryHook",
     "CheckpointError",
     "DETRTrainer",
+    "HeapTrimHook",
     "IterationSeedHook",
     "ModelEMA",
     "NonFiniteLossError",
@@ -21,6 +24,7 @@ __all__ = [
     "do_test",
     "do_train",
     "load_for_eval",
+    "release_free_heap",
     "run_preflight",
     "wrap_ddp",
 ]

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from .checkpoint import SafeCheckpointer, find_intact_checkpoint
 from .data_loader import build_resumable_train_loader
 from .ema import ModelEMA
-from .hooks import IterationSeedHook
+from .hooks import BoundedHistoryHook, IterationSeedHook
+from .host_memory import HeapTrimHook
 from .nonfinite import NonFiniteLossError
 from .precision import amp_from_config
 from .preflight import run_preflight
@@ -131,6 +132,9 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
                 if comm.is_main_process()
                 else None
             ),
+            # last: after the writers read the step's scalars
+            BoundedHistoryHook(),
+            _heap_trim_hook(cfg),
         ]
     )
     seed = OmegaConf.select(cfg, "train.seed", default=-1)
@@ -152,6 +156,11 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
             raise
         raise NonFiniteLossError(f"{error}. {_resume_advice(checkpointer)}", error.iteration)
     return results
+
+
+def _heap_trim_hook(cfg) -> Optional[HeapTrimHook]:
+    period = OmegaConf.select(cfg, "train.host_memory.trim_period", default=0)
+    return HeapTrimHook(period) if period else None
 
 
 def _resume_advice(checkpointer: SafeCheckpointer) -> str:

@@ -13,8 +13,6 @@ sizes above really reach the backbone, the encoder and the losses.
 """
 
 import argparse
-import ctypes
-import ctypes.util
 import itertools
 import os
 import sys
@@ -29,6 +27,8 @@ from detectron2.structures import Boxes, Instances
 from omegaconf import OmegaConf
 
 from focus_detr.engine import DETRTrainer, build_model
+from focus_detr.engine.hooks import BoundedHistoryHook
+from focus_detr.engine.host_memory import HeapTrimHook, release_free_heap
 from focus_detr.engine.precision import amp_from_config
 
 __all__ = ["main", "random_batches", "resident_memory_mb", "verdict"]
@@ -48,18 +48,6 @@ def resident_memory_mb() -> float:
         except ImportError as error:
             raise RuntimeError("resident memory needs Linux /proc or the psutil package") from error
         return psutil.Process().memory_info().rss / 2**20
-
-
-def release_free_heap() -> bool:
-    """
-    Give the C heap's free memory back to the operating system (glibc ``malloc_trim``), so that
-    RSS shows what is allocated rather than what the allocator keeps; False where unavailable.
-    """
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        return False
-    return True
 
 
 def _sizes(max_side: int) -> List[Tuple[int, int]]:
@@ -218,7 +206,16 @@ def main(argv: Sequence[str] = None) -> int:
     samples: List[Tuple[int, float]] = []
     if args.malloc_trim and not release_free_heap():
         raise SystemExit("--malloc-trim needs glibc's malloc_trim, not found here")
-    trainer.register_hooks([_MemoryReport(args.report_every, samples, trim=args.malloc_trim)])
+    trim_period = OmegaConf.select(cfg, "train.host_memory.trim_period", default=0)
+    trainer.register_hooks(
+        [
+            # the report first: it sees the heap as the steps since the last trim left it
+            _MemoryReport(args.report_every, samples, trim=args.malloc_trim),
+            # as train_net.py's training loop
+            BoundedHistoryHook(),
+            HeapTrimHook(trim_period) if trim_period else None,
+        ]
+    )
     print(
         f"[soak] {args.config_file}: {args.iterations} iterations of {args.batch_size} images "
         f"(sizes 1..{args.max_side}, extremes {_sizes(args.max_side)}, empty and crowded "
@@ -226,6 +223,8 @@ def main(argv: Sequence[str] = None) -> int:
         f"RSS every {args.report_every}{' after malloc_trim' if args.malloc_trim else ''}, "
         f"warm-up {warmup}"
     )
+    trimmed = f"every {trim_period} steps" if trim_period else "never"
+    print(f"[soak] heap trimmed (train.host_memory.trim_period) {trimmed}")
     print(f"[soak] RSS before training {resident_memory_mb():.1f} MiB")
     try:
         trainer.train(0, args.iterations)

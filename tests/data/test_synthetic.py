@@ -73,6 +73,26 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
     )
 
 
+def test_output_does_not_depend_on_the_number_of_writer_threads(tmp_path):
+    from focus_detr.data.synthetic_shapes import generate_split
+
+    outputs = {}
+    for workers in (1, 3):
+        image_dir = str(tmp_path / f"w{workers}")
+        coco = generate_split(image_dir, split="train", num_images=7, config=TINY, workers=workers)
+        pixels = [
+            np.asarray(Image.open(os.path.join(image_dir, image["file_name"])))
+            for image in coco["images"]
+        ]
+        outputs[workers] = (coco, pixels)
+    assert outputs[1][0] == outputs[3][0]
+    assert [image["id"] for image in outputs[3][0]["images"]] == list(range(1, 8))
+    for a, b in zip(outputs[1][1], outputs[3][1]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        generate_split(str(tmp_path / "w0"), split="train", num_images=1, config=TINY, workers=0)
+
+
 def test_annotations_are_valid_coco(tmp_path):
     paths = _generate(tmp_path, num_images=70)
     api = COCO(paths.json_file)

@@ -19,12 +19,18 @@ from helpers import REPO_ROOT
 
 SCRIPTS = REPO_ROOT / "scripts"
 
-# Logs its arguments; fails when they match $FAKE_FAIL (a grep -E pattern); prints a version.
+# Logs its arguments; fails when they match $FAKE_FAIL (a grep -E pattern); answers
+# scripts/check_env.py with $FAKE_FOUND; else prints a version.
 _FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_LOG"
 if [ -n "${FAKE_FAIL:-}" ] && echo "$*" | grep -Eq "$FAKE_FAIL"; then exit 1; fi
+case "$*" in *check_env.py*) printf "%b" "${FAKE_FOUND:-}"; exit 0;; esac
 echo 2.14.1
 """
+
+_TORCH_OK = "torch ok 2.14.1 0.29.1\\n"
+_ALL_OK = _TORCH_OK + "detectron2 ok\\nfocus_detr ok\\ndevtools ok\\n"
+_NOTHING_ELSE = "detectron2 missing x\\nfocus_detr missing x\\n"
 
 
 def _executable(path, text):
@@ -74,10 +80,12 @@ def _repository_copy(tmp_path):
 _OPTIONS = 'options() { set -o; shopt; echo "$-"; }'
 
 
-@pytest.mark.parametrize("fail", ["", "import torch, torchvision", "sys.version_info"])
+@pytest.mark.parametrize("fail", ["", "torch", "sys.version_info"])
 def test_sourcing_and_running_setup_keeps_the_callers_shell_options(tmp_path, fakes, fail):
     root = _repository_copy(tmp_path)
-    fakes["FAKE_FAIL"] = fail
+    fakes["FAKE_FAIL"] = fail if fail == "sys.version_info" else ""
+    torch_found = "torch missing x\\n" if fail == "torch" else _TORCH_OK
+    fakes["FAKE_FOUND"] = torch_found + _NOTHING_ELSE
     result = _bash(
         f"""{_OPTIONS}
         before="$(options)"
@@ -107,6 +115,54 @@ def test_sourcing_and_running_setup_keeps_the_callers_shell_options(tmp_path, fa
         assert calls[index + 1] == "-m pip install --quiet torch==2.14.1 torchvision==0.29.1"
     else:
         assert hashed not in calls
+
+
+def test_setup_with_everything_in_place_checks_in_one_interpreter_and_installs_nothing(
+    tmp_path, fakes
+):
+    root = _repository_copy(tmp_path)
+    fakes["FAKE_FOUND"] = _TORCH_OK + _NOTHING_ELSE
+    first = _bash("source scripts/setup_env.sh && focus_detr_setup --dev", fakes, root)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert any("install_detectron2.py" in call for call in _log(fakes))
+    os.remove(fakes["FAKE_LOG"])
+
+    fakes["FAKE_FOUND"] = _ALL_OK  # what check_env.py reports once the first run installed it
+    second = _bash("source scripts/setup_env.sh && focus_detr_setup --dev", fakes, root)
+    assert second.returncode == 0, second.stdout + second.stderr
+    calls = _log(fakes)
+    assert len(calls) == 2, calls  # the version check and one check_env.py
+    assert "check_env.py" in calls[1] and calls[1].endswith("--dev")
+    assert "torch/torchvision: 2.14.1 0.29.1 (kept)" in second.stdout
+    assert "with its extension (kept)" in second.stdout
+
+    # a changed kernel source changes the stamp: rebuilt although the package imports
+    kernel = root / "focus_detr" / "csrc" / "ms_deform_attn.cpp"
+    kernel.write_text(kernel.read_text() + "\n// changed\n")
+    os.remove(fakes["FAKE_LOG"])
+    third = _bash("source scripts/setup_env.sh && focus_detr_setup --dev", fakes, root)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert any("pip install --quiet --no-build-isolation -e ." in call for call in _log(fakes))
+
+
+def test_check_env_reports_each_component(tmp_path):
+    script = SCRIPTS / "check_env.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--dev"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert sorted(lines) == ["detectron2", "devtools", "focus_detr", "torch"]
+    import torch
+
+    assert lines["torch"].startswith(f"ok {torch.__version__} ")
+    assert lines["detectron2"] == "ok"
+    # this interpreter's focus_detr is not under tmp_path: reported missing, with where it is
+    assert lines["focus_detr"].startswith("missing ")
 
 
 def test_setup_without_an_interpreter_fails_without_leaving_the_shell(tmp_path, fakes):

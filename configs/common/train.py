@@ -17,7 +17,4 @@ train = dict(
     # N > 0: skip up to N NaN/inf-loss steps in a row (no update), then stop; 0: stop at the first
     skip_nonfinite=dict(max_consecutive=0),
     ema=dict(enabled=False, decay=0.9998, warmup=2000),
-    # every N steps, return the C heap's free pages to the system (glibc malloc_trim): changing
-    # image sizes otherwise fragment the heap and grow the resident memory; 0 disables
-    host_memory=dict(trim_period=50),
 )

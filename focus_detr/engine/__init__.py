@@ -2,7 +2,6 @@ from .checkpoint import CheckpointError, SafeCheckpointer
 from .data_loader import SampleLoadError, build_resumable_train_loader
 from .ema import ModelEMA
 from .hooks import BoundedHistoryHook, IterationSeedHook
-from .host_memory import HeapTrimHook, release_free_heap
 from .nonfinite import NonFiniteLossError
 from .preflight import PreflightError, run_preflight
 from .train_loop import build_model, do_test, do_train, load_for_eval, wrap_ddp
@@ -12,7 +11,6 @@ __all__ = [
     "BoundedHistoryHook",
     "CheckpointError",
     "DETRTrainer",
-    "HeapTrimHook",
     "IterationSeedHook",
     "ModelEMA",
     "NonFiniteLossError",
@@ -24,7 +22,6 @@ __all__ = [
     "do_test",
     "do_train",
     "load_for_eval",
-    "release_free_heap",
     "run_preflight",
     "wrap_ddp",
 ]

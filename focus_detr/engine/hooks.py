@@ -39,7 +39,7 @@ class BoundedHistoryHook(HookBase):
     with ``max_length >= 1000`` every logged number is unchanged. Register it after the writers.
     """
 
-    def __init__(self, max_length: int = 2000):
+    def __init__(self, max_length: int = 1000):
         if max_length < 1000:
             raise ValueError(
                 "max_length must be >= 1000 (the ETA is a median over 1000 steps), "

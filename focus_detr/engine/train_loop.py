@@ -16,7 +16,6 @@ from .checkpoint import SafeCheckpointer, find_intact_checkpoint
 from .data_loader import build_resumable_train_loader
 from .ema import ModelEMA
 from .hooks import BoundedHistoryHook, IterationSeedHook
-from .host_memory import HeapTrimHook
 from .nonfinite import NonFiniteLossError
 from .precision import amp_from_config
 from .preflight import run_preflight
@@ -134,7 +133,6 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
             ),
             # last: after the writers read the step's scalars
             BoundedHistoryHook(),
-            _heap_trim_hook(cfg),
         ]
     )
     seed = OmegaConf.select(cfg, "train.seed", default=-1)
@@ -156,11 +154,6 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
             raise
         raise NonFiniteLossError(f"{error}. {_resume_advice(checkpointer)}", error.iteration)
     return results
-
-
-def _heap_trim_hook(cfg) -> Optional[HeapTrimHook]:
-    period = OmegaConf.select(cfg, "train.host_memory.trim_period", default=0)
-    return HeapTrimHook(period) if period else None
 
 
 def _resume_advice(checkpointer: SafeCheckpointer) -> str:

@@ -13,6 +13,8 @@ sizes above really reach the backbone, the encoder and the losses.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import itertools
 import os
 import sys
@@ -28,7 +30,6 @@ from omegaconf import OmegaConf
 
 from focus_detr.engine import DETRTrainer, build_model
 from focus_detr.engine.hooks import BoundedHistoryHook
-from focus_detr.engine.host_memory import HeapTrimHook, release_free_heap
 from focus_detr.engine.precision import amp_from_config
 
 __all__ = ["main", "random_batches", "resident_memory_mb", "verdict"]
@@ -48,6 +49,18 @@ def resident_memory_mb() -> float:
         except ImportError as error:
             raise RuntimeError("resident memory needs Linux /proc or the psutil package") from error
         return psutil.Process().memory_info().rss / 2**20
+
+
+def release_free_heap() -> bool:
+    """
+    Give the C heap's free memory back to the operating system (glibc ``malloc_trim``), so that
+    RSS shows what is allocated rather than what the allocator keeps; False where unavailable.
+    """
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        return False
+    return True
 
 
 def _sizes(max_side: int) -> List[Tuple[int, int]]:
@@ -206,14 +219,10 @@ def main(argv: Sequence[str] = None) -> int:
     samples: List[Tuple[int, float]] = []
     if args.malloc_trim and not release_free_heap():
         raise SystemExit("--malloc-trim needs glibc's malloc_trim, not found here")
-    trim_period = OmegaConf.select(cfg, "train.host_memory.trim_period", default=0)
     trainer.register_hooks(
         [
-            # the report first: it sees the heap as the steps since the last trim left it
+            BoundedHistoryHook(),  # as train_net.py's training loop
             _MemoryReport(args.report_every, samples, trim=args.malloc_trim),
-            # as train_net.py's training loop
-            BoundedHistoryHook(),
-            HeapTrimHook(trim_period) if trim_period else None,
         ]
     )
     print(
@@ -223,8 +232,6 @@ def main(argv: Sequence[str] = None) -> int:
         f"RSS every {args.report_every}{' after malloc_trim' if args.malloc_trim else ''}, "
         f"warm-up {warmup}"
     )
-    trimmed = f"every {trim_period} steps" if trim_period else "never"
-    print(f"[soak] heap trimmed (train.host_memory.trim_period) {trimmed}")
     print(f"[soak] RSS before training {resident_memory_mb():.1f} MiB")
     try:
         trainer.train(0, args.iterations)

@@ -43,7 +43,7 @@ def test_histories_stop_growing_and_logged_numbers_are_unchanged():
 def test_the_bound_must_cover_the_eta_window():
     with pytest.raises(ValueError, match="got 999"):
         BoundedHistoryHook(max_length=999)
-    # the default keeps 2000 values
-    storage = _train(2100, [_PutScalars(), BoundedHistoryHook()])
-    assert len(storage.history("loss").values()) == 2000
+    # the default keeps 1000 values, the ETA's window
+    storage = _train(1100, [_PutScalars(), BoundedHistoryHook()])
+    assert len(storage.history("loss").values()) == 1000
     assert isinstance(storage, EventStorage)

@@ -7,7 +7,11 @@
 #   2. detectron2 when it is not importable (an importable detectron2 is never replaced),
 #   3. with --dev: pytest, black, isort, flake8, and onnx/onnxscript/onnxruntime (export tests),
 #   4. this package, editable, with its C++ (and, with a GPU or FORCE_CUDA=1, CUDA) extension,
-#      rebuilt when the kernel sources or the torch version changed.
+#      rebuilt when the kernel sources or the torch version changed,
+#   5. jemalloc, which train_net.py preloads (focus_detr/allocator.py): when it is missing and
+#      this is root with apt-get, Debian's libjemalloc2; otherwise how to install it is printed
+#      (never fatal: without it training runs on the system's malloc). FOCUS_DETR_ALLOCATOR=system
+#      skips this step.
 # Sourcing it defines focus_detr_setup and sets FOCUS_DETR_ROOT and PYTHON, nothing else: no shell
 # option (set -e, pipefail, ...) of the caller changes. focus_detr_setup runs its steps in a
 # subshell with `set -euo pipefail`; on failure it returns 1 (it never exits the caller's shell)
@@ -106,6 +110,32 @@ _focus_detr_setup_steps() {
     echo "$stamp" >"$stamp_file"
     (cd / && "$PYTHON" -c 'import focus_detr.layers') \
       || _focus_detr_fail "import focus_detr after installing it" "run: $PYTHON -c 'import focus_detr.layers' to see the error"
+  fi
+
+  # 5. jemalloc (keeps a long run's memory flat on changing image sizes; README).
+  if _focus_detr_found jemalloc; then
+    _focus_detr_say "jemalloc: $(echo "$found" | sed -n 's/^jemalloc ok //p') (train_net.py preloads it)"
+  elif [ "${FOCUS_DETR_ALLOCATOR:-auto}" = system ]; then
+    _focus_detr_say "jemalloc: not looked for (FOCUS_DETR_ALLOCATOR=system)"
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    _focus_detr_say "jemalloc missing: installing Debian's libjemalloc2 with apt-get"
+    # at most 5 minutes each: a machine without access to Debian's mirrors goes on without it
+    local apt_install="timeout 300 apt-get install -y -qq --no-install-recommends libjemalloc2"
+    if DEBIAN_FRONTEND=noninteractive $apt_install >/dev/null 2>&1 \
+      || { timeout 300 apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $apt_install >/dev/null 2>&1; }; then
+      local installed
+      installed="$("$PYTHON" -c 'import runpy, sys; print(runpy.run_path(sys.argv[1])["find_jemalloc"]() or "")' \
+        "$FOCUS_DETR_ROOT/focus_detr/allocator.py")" || installed=""
+      if [ -n "$installed" ]; then
+        _focus_detr_say "jemalloc: installed $installed (train_net.py preloads it)"
+      else
+        _focus_detr_say "jemalloc: apt-get installed libjemalloc2 but it is not where focus_detr/allocator.py looks; set FOCUS_DETR_JEMALLOC=/path/to/libjemalloc.so.2"
+      fi
+    else
+      _focus_detr_say "jemalloc: apt-get could not install libjemalloc2; training uses the system's malloc (memory grows in long runs on changing image sizes)"
+    fi
+  else
+    _focus_detr_say "jemalloc not found: training uses the system's malloc, whose memory grows in long runs on changing image sizes; install it (apt install libjemalloc2, conda install jemalloc) or set FOCUS_DETR_JEMALLOC=/path/to/libjemalloc.so.2"
   fi
   _focus_detr_say "ready"
 }

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from .checkpoint import SafeCheckpointer, find_intact_checkpoint
 from .data_loader import build_resumable_train_loader
 from .ema import ModelEMA
-from .hooks import BoundedHistoryHook, IterationSeedHook
+from .hooks import AllocatorPurgeHook, BoundedHistoryHook, IterationSeedHook
 from .nonfinite import NonFiniteLossError
 from .precision import amp_from_config
 from .preflight import run_preflight
@@ -131,6 +131,8 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
                 if comm.is_main_process()
                 else None
             ),
+            # after evaluation: its memory is returned with the next purge
+            AllocatorPurgeHook(),
             # last: after the writers read the step's scalars
             BoundedHistoryHook(),
         ]

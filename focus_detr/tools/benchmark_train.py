@@ -11,8 +11,11 @@ timing (data loading excluded; ``--with-loader`` also times the steps with the l
 times ``DETRTrainer.run_step`` as training runs it (forward and loss sum under autocast,
 backward, grad clipping at ``train.clip_grad.max_norm``, optimizer step, EMA) after warm-up
 steps, with the same batches and initial weights for every precision. Inference: eval mode,
-no_grad, one image. Prints a markdown report: machine (CPU model, instruction-set flags and
-limits, torch threads), s/iter and images/s per precision, and per-module breakdown.
+no_grad, one image. Like ``train_net.py`` it restarts itself with jemalloc where it is installed
+(``focus_detr.allocator``; ``FOCUS_DETR_ALLOCATOR=system`` keeps the system's malloc) and applies
+training's allocator policy (``AllocatorPurgeHook``) between steps. Prints a markdown report:
+machine (CPU model, instruction-set flags and limits, torch threads), allocator, s/iter and
+images/s per precision, and per-module breakdown.
 """
 
 import argparse
@@ -22,6 +25,12 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from focus_detr.allocator import describe_allocator, reexec_with_preferred_allocator
+
+if __name__ == "__main__":
+    # an allocator is chosen when a process starts: restart before torch loads
+    reexec_with_preferred_allocator()
+
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.env import seed_all_rng
@@ -30,6 +39,7 @@ from omegaconf import OmegaConf
 
 from focus_detr.engine import DETRTrainer, ModelEMA, build_model, build_resumable_train_loader
 from focus_detr.engine.checkpoint import SafeCheckpointer
+from focus_detr.engine.hooks import AllocatorPurgeHook
 from focus_detr.engine.precision import resolve_amp
 from focus_detr.tools.benchmark_report import TimedRun, format_report
 from focus_detr.tools.machine import describe_machine
@@ -106,6 +116,9 @@ def time_training(cfg, model, optimizer, batches, key: str, args, loader=None) -
     sync = _synchronizer(device)
     trainer = build_trainer(cfg, model, optimizer, key, loader if loader is not None else batches)
     timer = StepTimer(model, optimizer=optimizer, trainer=trainer, synchronize=sync)
+    # the allocator policy of training, between (untimed) steps
+    allocator_policy = AllocatorPurgeHook()
+    allocator_policy.trainer, trainer.start_iter = trainer, 0
     times: List[float] = []
     with EventStorage(0) as storage:
         trainer.storage = storage
@@ -118,10 +131,12 @@ def time_training(cfg, model, optimizer, batches, key: str, args, loader=None) -
             trainer.run_step()
             sync()
             times.append(time.perf_counter() - start)
+            allocator_policy.after_step()
         data = [value for value, _ in storage.history("data_time").values()[-args.iters :]]
         totals = dict(timer.totals)
         if args.profile and loader is None:
             _print_profile(LABELS[key], lambda: [trainer.run_step() for _ in range(PROFILE_STEPS)])
+    allocator_policy.after_train()
     timer.remove()
     label = LABELS[key] + (", live loader" if loader is not None else "")
     return TimedRun(
@@ -173,7 +188,7 @@ def run(cfg, args) -> str:
     model = build_model(cfg)
     device = next(model.parameters()).device
     keys, auto_note = resolve_precisions(args.precision, cfg, device)
-    notes = [f"config: {args.config_file}", f"device: {device}"]
+    notes = [f"config: {args.config_file}", f"device: {device}", describe_allocator()]
     notes += [auto_note] if auto_note else []
     runs: List[TimedRun] = []
     if args.inference:

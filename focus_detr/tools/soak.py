@@ -1,12 +1,21 @@
 """
 Memory soak test of training (not part of CI): many iterations of a config's model, optimizer
 and training step on batches of random image sizes (tiny and thin ones such as 1x1, 16x16,
-8xL and Lx8 included), empty images and crowded images, with the process's resident memory
-(RSS) printed every K iterations and a verdict on its slope after warm-up.
+8xL and Lx8 included), empty images and crowded images, with the allocator policy of
+``train_net.py`` (``AllocatorPurgeHook``: under jemalloc, free pages returned every
+``--purge-period`` iterations). Every K iterations (a multiple of the purge period) it prints the
+process's resident memory (RSS) right after the loop's own purge, which is when a run's memory
+is comparable from one report to the next, and its peak since the previous report (``VmHWM``,
+reset after each report). The verdict is on the slope of the former after warm-up. The peak is
+that memory plus the largest batches of the window, so it varies with which batches a window
+holds (+-100 MiB here); it is summarised, not judged. Under the system's malloc nothing is
+returned during training and RSS is read as it is.
 
     python -m focus_detr.tools.soak --iterations 2000 --report-every 50
     python -m focus_detr.tools.soak --config-file CFG --iterations 500 train.amp.enabled=False
 
+Like ``train_net.py``, it first restarts itself with jemalloc preloaded where jemalloc is installed
+(``focus_detr.allocator``); ``FOCUS_DETR_ALLOCATOR=system`` measures the system's malloc instead.
 Exit status 0 when the memory stays flat after warm-up (slope at most ``--max-slope`` MB per
 1000 iterations), 1 when it grows. The images go to the model as drawn (no resizing), so the
 sizes above really reach the backbone, the encoder and the losses.
@@ -19,7 +28,17 @@ import itertools
 import os
 import sys
 import time
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from focus_detr.allocator import (
+    describe_allocator,
+    jemalloc_purge,
+    reexec_with_preferred_allocator,
+)
+
+if __name__ == "__main__":
+    # an allocator is chosen when a process starts: restart before torch loads
+    reexec_with_preferred_allocator()
 
 import numpy as np
 import torch
@@ -29,10 +48,17 @@ from detectron2.structures import Boxes, Instances
 from omegaconf import OmegaConf
 
 from focus_detr.engine import DETRTrainer, build_model
-from focus_detr.engine.hooks import BoundedHistoryHook
+from focus_detr.engine.hooks import AllocatorPurgeHook, BoundedHistoryHook
 from focus_detr.engine.precision import amp_from_config
 
-__all__ = ["main", "random_batches", "resident_memory_mb", "verdict"]
+__all__ = [
+    "main",
+    "peak_memory_mb",
+    "random_batches",
+    "release_free_memory",
+    "resident_memory_mb",
+    "verdict",
+]
 
 DEFAULT_CONFIG = "configs/focus_detr_demo_shapes.py"
 
@@ -51,16 +77,36 @@ def resident_memory_mb() -> float:
         return psutil.Process().memory_info().rss / 2**20
 
 
-def release_free_heap() -> bool:
+def release_free_memory() -> Optional[str]:
     """
-    Give the C heap's free memory back to the operating system (glibc ``malloc_trim``), so that
-    RSS shows what is allocated rather than what the allocator keeps; False where unavailable.
+    Have the allocator return its free pages to the operating system, so that RSS shows what is
+    allocated (live data and fragmentation) rather than what the allocator keeps for reuse.
+    Returns how (``"jemalloc purge"``, ``"malloc_trim"``), or None where neither is available.
     """
+    if jemalloc_purge():
+        return "jemalloc purge"
     try:
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
-        return False
-    return True
+        return None
+    return "malloc_trim"
+
+
+def peak_memory_mb(reset: bool = False) -> Optional[float]:
+    """
+    This process's peak resident memory in MiB (Linux ``VmHWM``), or None where unavailable;
+    with ``reset``, the peak then restarts from the current RSS (``/proc/self/clear_refs``).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        peak = int(line.split()[1]) / 1024
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+    except (OSError, StopIteration, ValueError):
+        return None
+    return peak
 
 
 def _sizes(max_side: int) -> List[Tuple[int, int]]:
@@ -131,21 +177,31 @@ def _remember_last(batches: Iterator[List[Dict]], last: List[List[Dict]]):
 
 
 class _MemoryReport(HookBase):
-    def __init__(self, every: int, samples: List[Tuple[int, float]], *, trim: bool):
+    def __init__(self, every: int, samples: List[Tuple[int, float]], *, release: bool):
         self.every = every
         self.samples = samples
-        self.trim = trim
+        self.peaks: List[Tuple[int, float]] = []
+        self.release = release
         self.start = time.perf_counter()
+        peak_memory_mb(reset=True)
 
     def after_step(self) -> None:
         iteration = self.trainer.iter + 1
         if iteration % self.every == 0:
-            if self.trim:
-                release_free_heap()
+            peak = peak_memory_mb(reset=False)
+            if self.release:
+                release_free_memory()
             rss = resident_memory_mb()
+            peak_memory_mb(reset=True)
             self.samples.append((iteration, rss))
+            if peak is not None:
+                self.peaks.append((iteration, peak))
             elapsed = time.perf_counter() - self.start
-            print(f"[soak] iteration {iteration:6d}  RSS {rss:9.1f} MiB  ({elapsed:7.1f} s)")
+            peak_text = "n/a" if peak is None else f"{peak:9.1f} MiB"
+            print(
+                f"[soak] iteration {iteration:6d}  RSS {rss:9.1f} MiB  "
+                f"(peak since last {peak_text}, {elapsed:7.1f} s)"
+            )
             sys.stdout.flush()
 
 
@@ -172,9 +228,16 @@ def _parser() -> argparse.ArgumentParser:
         help="cycle through N fixed batches (memory then has no new shapes to adapt to)",
     )
     parser.add_argument(
-        "--malloc-trim",
+        "--purge-period",
+        type=int,
+        default=AllocatorPurgeHook().period,
+        help="iterations between the allocator purges of training (default: train_net.py's)",
+    )
+    parser.add_argument(
+        "--release",
         action="store_true",
-        help="release the C heap's free memory before each measurement (glibc malloc_trim)",
+        help="diagnosis: have the allocator (jemalloc, or glibc's malloc_trim) return its free "
+        "pages before each measurement, so that RSS shows live memory and fragmentation",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     return parser
@@ -182,9 +245,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("iterations", "report_every", "batch_size", "max_side"):
+    for name in ("iterations", "report_every", "batch_size", "max_side", "purge_period"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.report_every % args.purge_period:
+        raise SystemExit(
+            f"--report-every ({args.report_every}) must be a multiple of --purge-period "
+            f"({args.purge_period}): memory is read right after a purge"
+        )
     warmup = args.iterations // 4 if args.warmup is None else args.warmup
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     torch.manual_seed(args.seed)
@@ -217,21 +285,26 @@ def main(argv: Sequence[str] = None) -> int:
         ),
     )
     samples: List[Tuple[int, float]] = []
-    if args.malloc_trim and not release_free_heap():
-        raise SystemExit("--malloc-trim needs glibc's malloc_trim, not found here")
+    release = release_free_memory() if args.release else None
+    if args.release and release is None:
+        raise SystemExit("--release: neither jemalloc nor glibc's malloc_trim is available here")
+    report = _MemoryReport(args.report_every, samples, release=args.release)
     trainer.register_hooks(
         [
             BoundedHistoryHook(),  # as train_net.py's training loop
-            _MemoryReport(args.report_every, samples, trim=args.malloc_trim),
+            AllocatorPurgeHook(period=args.purge_period),  # as train_net.py's training loop
+            # after the purge: memory is read right after the loop returned its free pages
+            report,
         ]
     )
     print(
         f"[soak] {args.config_file}: {args.iterations} iterations of {args.batch_size} images "
         f"(sizes 1..{args.max_side}, extremes {_sizes(args.max_side)}, empty and crowded "
         f"with {args.crowd} boxes{f', {args.repeat} batches repeated' if args.repeat else ''}); "
-        f"RSS every {args.report_every}{' after malloc_trim' if args.malloc_trim else ''}, "
+        f"RSS every {args.report_every}{f' after {release}' if release else ''}, "
         f"warm-up {warmup}"
     )
+    print(f"[soak] {describe_allocator()}")
     print(f"[soak] RSS before training {resident_memory_mb():.1f} MiB")
     try:
         trainer.train(0, args.iterations)
@@ -243,6 +316,13 @@ def main(argv: Sequence[str] = None) -> int:
         )
         raise
     stable, summary = verdict(samples, warmup=warmup, max_slope=args.max_slope)
+    peaks = [mb for i, mb in report.peaks if i >= warmup]
+    if peaks:
+        print(
+            f"[soak] peaks after warm-up (not judged): {min(peaks):.1f} to {max(peaks):.1f} MiB, "
+            f"first half max {max(peaks[: len(peaks) // 2] or peaks):.1f}, "
+            f"second half max {max(peaks[len(peaks) // 2 :]):.1f}"
+        )
     print(f"[soak] verdict: {summary}")
     return 0 if stable else 1
 

@@ -39,7 +39,7 @@ def test_verdict_is_on_the_slope_after_warm_up():
     assert not stable and summary.startswith("no verdict")
 
 
-@pytest.mark.parametrize("options", [[], ["--repeat", "2", "--malloc-trim"]])
+@pytest.mark.parametrize("options", [[], ["--repeat", "2", "--release"]])
 def test_a_short_soak_reports_memory_and_a_verdict(capsys, options):
     status = soak.main(
         options
@@ -49,6 +49,8 @@ def test_a_short_soak_reports_memory_and_a_verdict(capsys, options):
             "--iterations",
             "4",
             "--report-every",
+            "1",
+            "--purge-period",
             "1",
             "--warmup",
             "1",
@@ -61,10 +63,16 @@ def test_a_short_soak_reports_memory_and_a_verdict(capsys, options):
     )
     output = capsys.readouterr().out
     if options:
-        assert "2 batches repeated" in output and "after malloc_trim" in output
-    reports = re.findall(r"\[soak\] iteration +(\d+)  RSS +([\d.]+) MiB", output)
-    assert [int(i) for i, _ in reports] == [1, 2, 3, 4]
-    assert all(float(mb) > 10 for _, mb in reports)
+        assert "2 batches repeated" in output
+        assert re.search("RSS every 1 after (jemalloc purge|malloc_trim), ", output), output
+    else:
+        assert "RSS every 1, warm-up 1" in output
+    reports = re.findall(
+        r"\[soak\] iteration +(\d+)  RSS +([\d.]+) MiB  \(peak since last +([\d.]+) MiB", output
+    )
+    assert [int(i) for i, _, _ in reports] == [1, 2, 3, 4], output
+    # the peak is a high-water mark: at least the memory after the purge
+    assert all(float(peak) >= float(mb) > 10 for _, mb, peak in reports)
     verdict = re.search(r"\[soak\] verdict: (STABLE|GROWING): .* slope ([-+][\d.]+) MiB", output)
     assert verdict, output
     assert status == (0 if verdict.group(1) == "STABLE" else 1)
@@ -90,3 +98,22 @@ def test_a_failing_step_names_the_batch_it_failed_on(capsys, monkeypatch):
     assert f"FAILED at iteration 1 on a batch of (height, width, boxes) {described}" in (
         capsys.readouterr().out
     )
+
+
+@pytest.mark.skipif(soak.peak_memory_mb() is None, reason="needs Linux /proc VmHWM")
+def test_the_peak_restarts_from_the_current_memory_after_a_reset():
+    soak.peak_memory_mb(reset=True)
+    block = b"x" * (200 << 20)
+    del block
+    soak.release_free_memory()  # jemalloc may keep the freed pages otherwise
+    assert soak.peak_memory_mb() - soak.resident_memory_mb() > 150
+    soak.peak_memory_mb(reset=True)
+    assert soak.peak_memory_mb() - soak.resident_memory_mb() < 20
+
+
+def test_memory_is_read_right_after_a_purge():
+    argv = ["--config-file", str(DEMO_CONFIG), "--report-every", "30", "--purge-period", "20"]
+    with pytest.raises(SystemExit, match=r"--report-every \(30\) must be a multiple of --purge"):
+        soak.main(argv)
+    with pytest.raises(SystemExit, match="--purge-period must be >= 1, got 0"):
+        soak.main(argv[:2] + ["--purge-period", "0"])

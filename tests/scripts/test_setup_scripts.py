@@ -24,13 +24,31 @@ SCRIPTS = REPO_ROOT / "scripts"
 _FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_LOG"
 if [ -n "${FAKE_FAIL:-}" ] && echo "$*" | grep -Eq "$FAKE_FAIL"; then exit 1; fi
-case "$*" in *check_env.py*) printf "%b" "${FAKE_FOUND:-}"; exit 0;; esac
+case "$*" in
+  *check_env.py*) printf "%b" "${FAKE_FOUND:-}"; exit 0;;
+  *allocator.py*) echo "${FAKE_JEMALLOC:-}"; exit 0;;
+  *benchmark_train*)
+    # a report whose allocator and mean step time follow the environment
+    if [ "${FOCUS_DETR_ALLOCATOR:-}" = system ] || [ -n "${FAKE_NO_JEMALLOC:-}" ]; then
+      a="the system's malloc"; m=0.4000
+    elif [ -n "${MALLOC_CONF:-}" ]; then a="jemalloc /l/libjemalloc.so.2 ($MALLOC_CONF)"; m=0.4200
+    else a="jemalloc /l/libjemalloc.so.2 (MALLOC_CONF unset)"; m=0.3600; fi
+    printf -- "- cpu: Fake\\n- memory allocator: %s\\n\\n| precision | s/iter (mean) |\\n" "$a"
+    printf -- "| --- | --- |\\n| float32 | %s |\\n" "$m"; exit 0;;
+esac
 echo 2.14.1
 """
 
+# Logs its arguments to $FAKE_APT_LOG; fails when $FAKE_APT_FAIL is set.
+_FAKE_APT = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_APT_LOG"
+[ -z "${FAKE_APT_FAIL:-}" ]
+"""
+
 _TORCH_OK = "torch ok 2.14.1 0.29.1\\n"
-_ALL_OK = _TORCH_OK + "detectron2 ok\\nfocus_detr ok\\ndevtools ok\\n"
-_NOTHING_ELSE = "detectron2 missing x\\nfocus_detr missing x\\n"
+_JEMALLOC_OK = "jemalloc ok /fake/libjemalloc.so.2\\n"
+_ALL_OK = _TORCH_OK + "detectron2 ok\\nfocus_detr ok\\n" + _JEMALLOC_OK + "devtools ok\\n"
+_NOTHING_ELSE = "detectron2 missing x\\nfocus_detr missing x\\n" + _JEMALLOC_OK
 
 
 def _executable(path, text):
@@ -41,19 +59,27 @@ def _executable(path, text):
 
 @pytest.fixture
 def fakes(tmp_path):
-    """A fake interpreter (logging to fake.log) and a python3 on PATH that must not run."""
+    """
+    A fake interpreter (logging to fake.log), a python3 on PATH that must not run, and fake
+    apt-get (logging to apt.log) and id (uid $FAKE_UID, default 1000), so that nothing is
+    installed.
+    """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     python = _executable(bin_dir / "fake-python", _FAKE_PYTHON)
     for name in ("python3", "python"):
         _executable(bin_dir / name, f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/wrong.log\n')
+    _executable(bin_dir / "apt-get", _FAKE_APT)
+    _executable(bin_dir / "id", '#!/usr/bin/env bash\necho "${FAKE_UID:-1000}"\n')
     env = dict(
         os.environ,
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         FAKE_LOG=str(tmp_path / "fake.log"),
+        FAKE_APT_LOG=str(tmp_path / "apt.log"),
         PYTHON=str(python),
     )
     env.pop("FOCUS_DETR_TORCH_PAIR", None)
+    env.pop("FOCUS_DETR_ALLOCATOR", None)
     return env
 
 
@@ -135,6 +161,8 @@ def test_setup_with_everything_in_place_checks_in_one_interpreter_and_installs_n
     assert "check_env.py" in calls[1] and calls[1].endswith("--dev")
     assert "torch/torchvision: 2.14.1 0.29.1 (kept)" in second.stdout
     assert "with its extension (kept)" in second.stdout
+    assert "jemalloc: /fake/libjemalloc.so.2 (train_net.py preloads it)" in second.stdout
+    assert not os.path.exists(fakes["FAKE_APT_LOG"])
 
     # a changed kernel source changes the stamp: rebuilt although the package imports
     kernel = root / "focus_detr" / "csrc" / "ms_deform_attn.cpp"
@@ -156,13 +184,71 @@ def test_check_env_reports_each_component(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert sorted(lines) == ["detectron2", "devtools", "focus_detr", "torch"]
+    assert sorted(lines) == ["detectron2", "devtools", "focus_detr", "jemalloc", "torch"]
     import torch
 
     assert lines["torch"].startswith(f"ok {torch.__version__} ")
     assert lines["detectron2"] == "ok"
     # this interpreter's focus_detr is not under tmp_path: reported missing, with where it is
     assert lines["focus_detr"].startswith("missing ")
+    # tmp_path has no focus_detr/allocator.py to search with
+    assert lines["jemalloc"].startswith("missing FileNotFoundError")
+    checkout = subprocess.run(
+        [sys.executable, str(script), str(REPO_ROOT)],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    jemalloc = [line for line in checkout.stdout.splitlines() if line.startswith("jemalloc ")]
+    found = _allocator_module().find_jemalloc()
+    assert jemalloc == [f"jemalloc ok {found}" if found else "jemalloc missing not found"]
+
+
+def _allocator_module():
+    spec = importlib.util.spec_from_file_location(
+        "allocator", REPO_ROOT / "focus_detr/allocator.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_JEMALLOC_MISSING = _ALL_OK.replace(_JEMALLOC_OK, "jemalloc missing not found\\n")
+
+
+@pytest.mark.parametrize(
+    "uid, allocator, apt_fails, installs, said",
+    [
+        ("0", "", "", True, "jemalloc: installed /usr/lib/libjemalloc.so.2"),
+        ("0", "", "1", True, "apt-get could not install libjemalloc2"),
+        ("1000", "", "", False, "install it (apt install libjemalloc2, conda install jemalloc)"),
+        ("0", "system", "", False, "jemalloc: not looked for (FOCUS_DETR_ALLOCATOR=system)"),
+    ],
+)
+def test_setup_installs_a_missing_jemalloc_only_as_root_with_apt(
+    tmp_path, fakes, uid, allocator, apt_fails, installs, said
+):
+    root = _repository_copy(tmp_path)
+    (root / "build").mkdir()
+    fakes.update(
+        FAKE_FOUND=_JEMALLOC_MISSING,
+        FAKE_UID=uid,
+        FOCUS_DETR_ALLOCATOR=allocator,
+        FAKE_APT_FAIL=apt_fails,
+        FAKE_JEMALLOC="/usr/lib/libjemalloc.so.2",
+    )
+    result = _bash("source scripts/setup_env.sh && focus_detr_setup", fakes, root)
+    # never fatal: training runs on the system's malloc without it
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert said in result.stdout
+    apt = _log(dict(FAKE_LOG=fakes["FAKE_APT_LOG"]))
+    if installs:
+        assert "install -y -qq --no-install-recommends libjemalloc2" in apt
+        # a failed install updates the package lists and tries again (the fake fails both)
+        assert apt[1:] == (["update -qq"] if apt_fails else []), apt
+    else:
+        assert apt == []
 
 
 def test_setup_without_an_interpreter_fails_without_leaving_the_shell(tmp_path, fakes):
@@ -190,6 +276,27 @@ def test_check_cuda_build_compiles_with_python(tmp_path, fakes):
     assert result.returncode == 1 and "FAILED" in result.stderr
     assert any(call.startswith("setup.py build_ext") for call in _log(fakes))
     assert not (tmp_path / "wrong.log").exists()
+
+
+def test_benchmark_allocators_prints_each_allocator_side_by_side(tmp_path, fakes):
+    root = _repository_copy(tmp_path)
+    fakes["FAKE_FOUND"] = _ALL_OK
+    result = _bash("bash scripts/benchmark_allocators.sh 2 --iters 5", fakes, root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d", line)]
+    assert rows == [
+        f"| {r} | 0.4000 | 0.4200 | 0.3600 | 1.050 | 0.900 |" for r in (1, 2)
+    ], result.stdout
+    calls = [call for call in _log(fakes) if "benchmark_train" in call]
+    assert len(calls) == 6 and all(call.endswith("--iters 5") for call in calls)
+    assert "[shipped] - memory allocator: jemalloc" in result.stderr
+
+    fakes["FAKE_NO_JEMALLOC"] = "1"
+    result = _bash("bash scripts/benchmark_allocators.sh 1", fakes, root)
+    assert result.returncode == 1
+    assert "the jemalloc run needs jemalloc (apt install libjemalloc2" in result.stderr
+    result = _bash("bash scripts/benchmark_allocators.sh x", fakes, root)
+    assert result.returncode == 2 and "ROUNDS must be a positive integer, got 'x'" in result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ import zipfile
 import pytest
 from helpers import REPO_ROOT
 
+from focus_detr.allocator import find_jemalloc
+
 SCRIPTS = REPO_ROOT / "scripts"
 
 # Logs its arguments; fails when they match $FAKE_FAIL (a grep -E pattern); answers
@@ -201,17 +203,8 @@ def test_check_env_reports_each_component(tmp_path):
         timeout=120,
     )
     jemalloc = [line for line in checkout.stdout.splitlines() if line.startswith("jemalloc ")]
-    found = _allocator_module().find_jemalloc()
+    found = find_jemalloc()
     assert jemalloc == [f"jemalloc ok {found}" if found else "jemalloc missing not found"]
-
-
-def _allocator_module():
-    spec = importlib.util.spec_from_file_location(
-        "allocator", REPO_ROOT / "focus_detr/allocator.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 _JEMALLOC_MISSING = _ALL_OK.replace(_JEMALLOC_OK, "jemalloc missing not found\\n")

@@ -106,34 +106,41 @@ def find_jemalloc(environ: Mapping[str, str] = os.environ) -> Optional[str]:
     return None
 
 
-def _mapped_jemalloc(maps_file: str = "/proc/self/maps") -> Optional[str]:
-    """Path of the jemalloc library mapped into this process, or None (also off Linux)."""
+def _mapped_jemallocs(maps_file: str = "/proc/self/maps") -> List[str]:
+    """Paths of the jemalloc libraries mapped into this process (none off Linux)."""
+    paths: List[str] = []
     try:
         with open(maps_file) as maps:
             for line in maps:
-                if "libjemalloc" in line:
-                    return line.split(None, 5)[-1].strip()
+                fields = line.split(None, 5)
+                if len(fields) == 6 and "libjemalloc" in fields[5]:
+                    # a library replaced on disk since it was loaded is listed as "... (deleted)"
+                    path = fields[5].strip().removesuffix(" (deleted)")
+                    if path not in paths:
+                        paths.append(path)
     except OSError:
         pass
-    return None
+    return paths
 
 
 def _jemalloc_serving_malloc(maps_file: str = "/proc/self/maps") -> Optional[ctypes.CDLL]:
     """
-    The jemalloc library mapped into this process when it is the one whose ``malloc`` the
-    process calls (a jemalloc loaded privately by some library, or built with a symbol prefix,
-    is not), else None.
+    The jemalloc library mapped into this process whose ``malloc`` the process calls, else None
+    (a jemalloc loaded privately by some library, or built with a symbol prefix, does not serve
+    the process's ``malloc``).
     """
-    path = _mapped_jemalloc(maps_file)
-    if path is None:
-        return None
     try:
-        library = ctypes.CDLL(path)  # already mapped: the same library, not a second copy
         called = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
-        own = ctypes.cast(library.malloc, ctypes.c_void_p).value
     except (OSError, AttributeError):
         return None
-    return library if called == own else None
+    for path in _mapped_jemallocs(maps_file):
+        try:
+            library = ctypes.CDLL(path)  # already mapped: the same library, not a second copy
+            if ctypes.cast(library.malloc, ctypes.c_void_p).value == called:
+                return library
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 def loaded_allocator(maps_file: str = "/proc/self/maps") -> str:
@@ -148,12 +155,23 @@ def describe_allocator(environ: Mapping[str, str] = os.environ) -> str:
     if loaded_allocator() == "jemalloc":
         conf = environ.get("MALLOC_CONF")
         conf = f"MALLOC_CONF={conf!r}" if conf else "MALLOC_CONF unset"
-        return f"memory allocator: jemalloc {_mapped_jemalloc()} ({conf})"
+        return f"memory allocator: jemalloc {_jemalloc_serving_malloc()._name} ({conf})"
     mode = environ.get(ALLOCATOR_ENV, "") or "auto"
+    try:
+        found = find_jemalloc(environ)
+    except FileNotFoundError as error:
+        found, missing = None, str(error)
+    else:
+        missing = "apt install libjemalloc2, conda install jemalloc"
     if mode.strip().lower() == "system":
         why = f"{ALLOCATOR_ENV}={mode}"
+    elif found:
+        why = (
+            f"jemalloc {found} is installed but not preloaded: Python < 3.10, a program read "
+            "from stdin, or LD_PRELOAD failed"
+        )
     else:
-        why = "jemalloc not found (apt install libjemalloc2, conda install jemalloc)"
+        why = f"jemalloc not found ({missing})"
     return (
         f"memory allocator: the system's malloc ({why}); its resident memory grows in long runs "
         "on images of changing sizes"
@@ -183,16 +201,21 @@ def reexec_with_preferred_allocator(
         execve: what replaces the process (tests pass a recorder).
 
     Returns:
-        ``"jemalloc"`` or ``"system"``: the allocator this process keeps.
+        ``"jemalloc"`` or ``"system"``: the allocator this process keeps (jemalloc in mode
+        ``system`` too when the process inherited a jemalloc ``LD_PRELOAD``: unset it to run a
+        child of a restarted process on the system's malloc).
 
     Raises:
         ValueError: ``FOCUS_DETR_ALLOCATOR`` has another value than auto, jemalloc or system.
+        FileNotFoundError: ``FOCUS_DETR_JEMALLOC`` names a file that does not exist (any mode
+            but ``system``).
         RuntimeError: mode ``jemalloc`` and jemalloc cannot be found or did not load.
     """
     environ = os.environ if environ is None else environ
     mode = allocator_mode(environ)
     if mode == "system":
-        return "system"
+        # "jemalloc" still when this process inherited a jemalloc LD_PRELOAD from its parent
+        return loaded_allocator()
     if loaded_allocator() == "jemalloc":
         return "jemalloc"
     command = getattr(sys, "orig_argv", None) if argv is None else argv  # Python >= 3.10
@@ -227,10 +250,31 @@ def reexec_with_preferred_allocator(
 _ALL_ARENAS = 4096  # jemalloc's MALLCTL_ARENAS_ALL
 
 
-def _mallctl():
+_MALLCTL: List[Callable] = []  # jemalloc's mallctl once found: a process keeps its malloc
+
+
+def _mallctl() -> Optional[Callable]:
     """jemalloc's ``mallctl`` when jemalloc serves this process's malloc, else None."""
-    library = _jemalloc_serving_malloc()
-    return None if library is None else library.mallctl
+    if not _MALLCTL:
+        library = _jemalloc_serving_malloc()
+        if library is None:
+            return None
+        mallctl = library.mallctl
+        mallctl.restype = ctypes.c_int
+        mallctl.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_size_t),
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+        ]
+        _MALLCTL.append(mallctl)
+    return _MALLCTL[0]
+
+
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise OSError(status, f"jemalloc mallctl('{name}') failed with status {status}")
 
 
 def jemalloc_purge() -> bool:
@@ -241,10 +285,8 @@ def jemalloc_purge() -> bool:
     mallctl = _mallctl()
     if mallctl is None:
         return False
-    name = f"arena.{_ALL_ARENAS}.purge".encode()
-    status = mallctl(name, None, None, None, ctypes.c_size_t(0))
-    if status != 0:
-        raise OSError(status, f"jemalloc mallctl('{name.decode()}') failed")
+    name = f"arena.{_ALL_ARENAS}.purge"
+    _check(mallctl(name.encode(), None, None, None, 0), name)
     return True
 
 
@@ -257,11 +299,10 @@ def jemalloc_default_decay() -> Optional[Tuple[int, int]]:
     if mallctl is None:
         return None
     values = []
-    for name in (b"opt.dirty_decay_ms", b"opt.muzzy_decay_ms"):
+    for name in ("opt.dirty_decay_ms", "opt.muzzy_decay_ms"):  # jemalloc >= 5
         ms = ctypes.c_ssize_t()
         size = ctypes.c_size_t(ctypes.sizeof(ms))
-        if mallctl(name, ctypes.byref(ms), ctypes.byref(size), None, 0) != 0:
-            raise OSError(f"jemalloc mallctl('{name.decode()}') failed")
+        _check(mallctl(name.encode(), ctypes.byref(ms), ctypes.byref(size), None, 0), name)
         values.append(ms.value)
     return values[0], values[1]
 
@@ -277,15 +318,15 @@ def jemalloc_set_decay(dirty_ms: int, muzzy_ms: int) -> bool:
         return False
     count = ctypes.c_uint()
     size = ctypes.c_size_t(ctypes.sizeof(count))
-    if mallctl(b"arenas.narenas", ctypes.byref(count), ctypes.byref(size), None, 0) != 0:
-        raise OSError("jemalloc mallctl('arenas.narenas') failed")
+    _check(mallctl(b"arenas.narenas", ctypes.byref(count), ctypes.byref(size), None, 0), "narenas")
     for kind, value in (("dirty", dirty_ms), ("muzzy", muzzy_ms)):
         ms = ctypes.c_ssize_t(value)
-        length = ctypes.c_size_t(ctypes.sizeof(ms))
-        names = [f"arenas.{kind}_decay_ms"] + [
-            f"arena.{i}.{kind}_decay_ms" for i in range(count.value)
-        ]
-        for name in names:
-            # arenas not yet in use answer EFAULT: they take the arenas.* default when created
+        length = ctypes.sizeof(ms)
+        # the default of arenas created later
+        name = f"arenas.{kind}_decay_ms"
+        _check(mallctl(name.encode(), None, None, ctypes.byref(ms), length), name)
+        for i in range(count.value):
+            # arenas not yet in use answer EFAULT: they take the default above when created
+            name = f"arena.{i}.{kind}_decay_ms"
             mallctl(name.encode(), None, None, ctypes.byref(ms), length)
     return True

@@ -32,6 +32,11 @@ step_seconds() { # $1: label; the rest: environment assignments
     echo "the $label run needs jemalloc (apt install libjemalloc2, or FOCUS_DETR_JEMALLOC=path)" >&2
     return 1
   fi
+  if [ "$label" = system ] && ! echo "$report" | grep -q "^- memory allocator: the system's"; then
+    echo "$report" | grep "^- memory allocator" >&2
+    echo "the system run did not run on the system's malloc" >&2
+    return 1
+  fi
   echo "$report" | grep -E "^- (cpu|torch cpu capability|memory allocator):" | sed "s/^/[$label] /" >&2
   echo "$mean"
 }
@@ -40,7 +45,7 @@ BENCH_ARGS=("$@")
 echo "| round | system s/step | jemalloc (own decay) s/step | shipped s/step | jemalloc / system | shipped / system |"
 echo "| --- | --- | --- | --- | --- | --- |"
 for round in $(seq "$ROUNDS"); do
-  system="$(step_seconds system FOCUS_DETR_ALLOCATOR=system)"
+  system="$(step_seconds system -u LD_PRELOAD FOCUS_DETR_ALLOCATOR=system)"
   own="$(step_seconds jemalloc MALLOC_CONF=dirty_decay_ms:10000,muzzy_decay_ms:0)"
   shipped="$(step_seconds shipped -u MALLOC_CONF -u FOCUS_DETR_ALLOCATOR)"
   awk -v r="$round" -v s="$system" -v o="$own" -v p="$shipped" \

@@ -117,6 +117,10 @@ _focus_detr_setup_steps() {
     _focus_detr_say "jemalloc: $(echo "$found" | sed -n 's/^jemalloc ok //p') (train_net.py preloads it)"
   elif [ "${FOCUS_DETR_ALLOCATOR:-auto}" = system ]; then
     _focus_detr_say "jemalloc: not looked for (FOCUS_DETR_ALLOCATOR=system)"
+  elif [ -n "${FOCUS_DETR_JEMALLOC:-}" ]; then
+    # train_net.py would stop on it too: say so now instead of installing another jemalloc
+    _focus_detr_fail "FOCUS_DETR_JEMALLOC=$FOCUS_DETR_JEMALLOC: $(echo "$found" | sed -n 's/^jemalloc missing //p')" \
+      "point FOCUS_DETR_JEMALLOC at a libjemalloc.so.2 that exists, or unset it"
   elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     _focus_detr_say "jemalloc missing: installing Debian's libjemalloc2 with apt-get"
     # at most 5 minutes each: a machine without access to Debian's mirrors goes on without it

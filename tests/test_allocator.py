@@ -121,29 +121,48 @@ def test_no_restart_without_jemalloc_unless_it_is_required(monkeypatch, system_p
 def test_no_restart_when_jemalloc_is_already_loaded(monkeypatch, fake_library):
     monkeypatch.setattr(allocator, "loaded_allocator", lambda: "jemalloc")
     assert _restart({"FOCUS_DETR_JEMALLOC": fake_library}) == ("jemalloc", [])
+    # inherited from a restarted parent: still jemalloc, whatever the mode says
+    assert _restart({"FOCUS_DETR_ALLOCATOR": "system"}) == ("jemalloc", [])
 
 
-def test_the_mapped_jemalloc_is_read_from_the_process_maps(tmp_path):
+def test_the_mapped_jemallocs_are_read_from_the_process_maps(tmp_path):
     maps = tmp_path / "maps"
     maps.write_text(
         "7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
         "7f02-7f03 r-xp 0 08:01 2 /opt/my lib/libjemalloc.so.2\n"
+        "7f03-7f04 r--p 0 08:01 2 /opt/my lib/libjemalloc.so.2\n"
+        "7f05-7f06 r-xp 0 08:01 3 /usr/lib/libjemalloc.so.2 (deleted)\n"
     )
-    assert allocator._mapped_jemalloc(str(maps)) == "/opt/my lib/libjemalloc.so.2"
+    assert allocator._mapped_jemallocs(str(maps)) == [
+        "/opt/my lib/libjemalloc.so.2",
+        "/usr/lib/libjemalloc.so.2",  # replaced on disk since it was loaded
+    ]
     # mapped but not loadable: not the allocator
     assert loaded_allocator(str(maps)) == "system"
     maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
-    assert allocator._mapped_jemalloc(str(maps)) is None
+    assert allocator._mapped_jemallocs(str(maps)) == []
     assert loaded_allocator(str(maps)) == "system"
-    assert allocator._mapped_jemalloc(str(tmp_path / "no-maps")) is None
+    assert allocator._mapped_jemallocs(str(tmp_path / "no-maps")) == []
 
 
-def test_describe_allocator_names_the_allocator_and_why(monkeypatch):
+class _Library:
+    _name = "/lib/libjemalloc.so.2"
+
+
+def test_describe_allocator_names_the_allocator_and_why(monkeypatch, tmp_path):
     monkeypatch.setattr(allocator, "loaded_allocator", lambda: "system")
     assert "FOCUS_DETR_ALLOCATOR=system" in describe_allocator({"FOCUS_DETR_ALLOCATOR": "system"})
-    assert "apt install libjemalloc2" in describe_allocator({})
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda environ: None)
+    assert "jemalloc not found (apt install libjemalloc2" in describe_allocator({})
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda environ: "/lib/libjemalloc.so.2")
+    assert "jemalloc /lib/libjemalloc.so.2 is installed but not preloaded" in describe_allocator({})
+    monkeypatch.undo()
+    monkeypatch.setattr(allocator, "loaded_allocator", lambda: "system")
+    missing = str(tmp_path / "nowhere.so")
+    assert f"{missing!r}: no such file" in describe_allocator({"FOCUS_DETR_JEMALLOC": missing})
+
     monkeypatch.setattr(allocator, "loaded_allocator", lambda: "jemalloc")
-    monkeypatch.setattr(allocator, "_mapped_jemalloc", lambda: "/lib/libjemalloc.so.2")
+    monkeypatch.setattr(allocator, "_jemalloc_serving_malloc", lambda: _Library())
     described = describe_allocator({"MALLOC_CONF": "x:1"})
     assert described == "memory allocator: jemalloc /lib/libjemalloc.so.2 (MALLOC_CONF='x:1')"
     assert describe_allocator({}).endswith("(MALLOC_CONF unset)")
@@ -234,7 +253,7 @@ def test_jemalloc_decay_and_purge_really_keep_and_return_pages(tmp_path):
 
 
 def test_without_jemalloc_the_purge_and_decay_calls_do_nothing(monkeypatch):
-    monkeypatch.setattr(allocator, "loaded_allocator", lambda: "system")
+    monkeypatch.setattr(allocator, "_mallctl", lambda: None)
     assert not allocator.jemalloc_purge()
     assert not allocator.jemalloc_set_decay(-1, -1)
     assert allocator.jemalloc_default_decay() is None

@@ -10,7 +10,10 @@ from focus_detr.allocator import jemalloc_default_decay, jemalloc_purge, jemallo
 
 from .seeding import STEP_STREAM, derive_seed, seed_global_rngs
 
-__all__ = ["AllocatorPurgeHook", "BoundedHistoryHook", "IterationSeedHook"]
+__all__ = ["AllocatorPurgeHook", "BoundedHistoryHook", "DEFAULT_PURGE_PERIOD", "IterationSeedHook"]
+
+# iterations between two jemalloc purges in training (AllocatorPurgeHook)
+DEFAULT_PURGE_PERIOD = 50
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +72,19 @@ class AllocatorPurgeHook(HookBase):
 
     jemalloc's own policy returns unused pages gradually (its ``dirty_decay_ms``), including
     pages the next step allocates again, which the kernel then has to fault in and zero: the
-    demo's training step was 6% slower than under glibc's malloc with it, and 7% faster than
-    glibc's with decay off (``benchmark_train``, README). With decay off and nothing else the
-    resident memory grows with every new peak (``focus_detr.tools.soak``: +560 MiB in 500
+    demo's training step took 1.02-1.08x as long as under glibc's malloc with it, and 0.90-0.96x
+    with this policy (``scripts/benchmark_allocators.sh``, README). With decay off and no purge
+    the resident memory grows with every new peak (``focus_detr.tools.soak``: +560 MiB in 500
     iterations); a full purge every ``period`` iterations bounds it.
 
     Decay is turned off after the first step, when the training loader's worker processes have
-    started (they keep jemalloc's default policy), restored after training, and left alone when
-    ``MALLOC_CONF`` sets a decay or jemalloc is not loaded (then this hook does nothing).
+    started (they keep jemalloc's default policy; the short-lived workers of evaluations during
+    and after training fork with decay off), and restored after training. Nothing is changed
+    when ``MALLOC_CONF`` sets a decay or jemalloc is not loaded, and the hook turns itself off
+    with a warning when jemalloc refuses a control (e.g. a jemalloc 4 without these settings).
     """
 
-    def __init__(self, period: int = 50):
+    def __init__(self, *, period: int = DEFAULT_PURGE_PERIOD):
         if period < 1:
             raise ValueError(f"period must be >= 1, got {period}")
         self.period = period
@@ -90,7 +95,10 @@ class AllocatorPurgeHook(HookBase):
         if iteration == self.trainer.start_iter:
             self._start()
         if self._restore is not None and (iteration + 1) % self.period == 0:
-            jemalloc_purge()
+            try:
+                jemalloc_purge()
+            except OSError as error:
+                self._stop(error)
 
     def after_train(self) -> None:
         if self._restore is not None:
@@ -100,10 +108,24 @@ class AllocatorPurgeHook(HookBase):
     def _start(self) -> None:
         if "decay" in os.environ.get("MALLOC_CONF", ""):
             return
-        default = jemalloc_default_decay()
-        if default is not None and jemalloc_set_decay(-1, -1):
-            self._restore = default
-            logger.info(
-                f"jemalloc: unused pages kept between steps and returned every {self.period} "
-                f"iterations (decay {default[0]} ms / {default[1]} ms restored after training)"
-            )
+        try:
+            default = jemalloc_default_decay()
+            if default is None or not jemalloc_set_decay(-1, -1):
+                return
+        except OSError as error:
+            self._restore = None
+            logger.warning(f"jemalloc: its purge policy is off, a control failed: {error}")
+            return
+        self._restore = default
+        logger.info(
+            f"jemalloc: unused pages kept between steps and returned every {self.period} "
+            f"iterations (decay {default[0]} ms / {default[1]} ms restored after training)"
+        )
+
+    def _stop(self, error: OSError) -> None:
+        logger.warning(f"jemalloc: purge failed ({error}); its own decay policy restored")
+        restore, self._restore = self._restore, None
+        try:
+            jemalloc_set_decay(*restore)
+        except OSError as second:
+            logger.warning(f"jemalloc: restoring its decay failed too: {second}")

@@ -118,7 +118,8 @@ def time_training(cfg, model, optimizer, batches, key: str, args, loader=None) -
     timer = StepTimer(model, optimizer=optimizer, trainer=trainer, synchronize=sync)
     # the allocator policy of training, between (untimed) steps
     allocator_policy = AllocatorPurgeHook()
-    allocator_policy.trainer, trainer.start_iter = trainer, 0
+    allocator_policy.trainer = trainer
+    trainer.start_iter = 0  # what TrainerBase.train sets: the policy starts after step 0
     times: List[float] = []
     with EventStorage(0) as storage:
         trainer.storage = storage

@@ -48,7 +48,7 @@ from detectron2.structures import Boxes, Instances
 from omegaconf import OmegaConf
 
 from focus_detr.engine import DETRTrainer, build_model
-from focus_detr.engine.hooks import AllocatorPurgeHook, BoundedHistoryHook
+from focus_detr.engine.hooks import DEFAULT_PURGE_PERIOD, AllocatorPurgeHook, BoundedHistoryHook
 from focus_detr.engine.precision import amp_from_config
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "peak_memory_mb",
     "random_batches",
     "release_free_memory",
+    "reset_peak_memory",
     "resident_memory_mb",
     "verdict",
 ]
@@ -92,21 +93,24 @@ def release_free_memory() -> Optional[str]:
     return "malloc_trim"
 
 
-def peak_memory_mb(reset: bool = False) -> Optional[float]:
-    """
-    This process's peak resident memory in MiB (Linux ``VmHWM``), or None where unavailable;
-    with ``reset``, the peak then restarts from the current RSS (``/proc/self/clear_refs``).
-    """
+def peak_memory_mb() -> Optional[float]:
+    """This process's peak resident memory in MiB (Linux ``VmHWM``), or None where unavailable."""
     try:
         with open("/proc/self/status") as f:
             line = next(line for line in f if line.startswith("VmHWM:"))
-        peak = int(line.split()[1]) / 1024
-        if reset:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-    except (OSError, StopIteration, ValueError):
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
         return None
-    return peak
+
+
+def reset_peak_memory() -> bool:
+    """Restart the peak of :func:`peak_memory_mb` from the current RSS; False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _sizes(max_side: int) -> List[Tuple[int, int]]:
@@ -183,16 +187,16 @@ class _MemoryReport(HookBase):
         self.peaks: List[Tuple[int, float]] = []
         self.release = release
         self.start = time.perf_counter()
-        peak_memory_mb(reset=True)
+        self.peak_label = "peak since last" if reset_peak_memory() else "peak since start"
 
     def after_step(self) -> None:
         iteration = self.trainer.iter + 1
         if iteration % self.every == 0:
-            peak = peak_memory_mb(reset=False)
+            peak = peak_memory_mb()
             if self.release:
                 release_free_memory()
             rss = resident_memory_mb()
-            peak_memory_mb(reset=True)
+            reset_peak_memory()
             self.samples.append((iteration, rss))
             if peak is not None:
                 self.peaks.append((iteration, peak))
@@ -200,7 +204,7 @@ class _MemoryReport(HookBase):
             peak_text = "n/a" if peak is None else f"{peak:9.1f} MiB"
             print(
                 f"[soak] iteration {iteration:6d}  RSS {rss:9.1f} MiB  "
-                f"(peak since last {peak_text}, {elapsed:7.1f} s)"
+                f"({self.peak_label} {peak_text}, {elapsed:7.1f} s)"
             )
             sys.stdout.flush()
 
@@ -230,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--purge-period",
         type=int,
-        default=AllocatorPurgeHook().period,
+        default=DEFAULT_PURGE_PERIOD,
         help="iterations between the allocator purges of training (default: train_net.py's)",
     )
     parser.add_argument(

@@ -108,6 +108,23 @@ def test_a_decay_set_in_malloc_conf_or_no_jemalloc_leaves_the_allocator_alone(
     assert allocator_calls == []
 
 
+def test_a_refused_jemalloc_control_turns_the_policy_off_instead_of_stopping_training(
+    allocator_calls, monkeypatch
+):
+    def refuse():
+        raise OSError(2, "jemalloc mallctl('opt.dirty_decay_ms') failed with status 2")
+
+    monkeypatch.setattr(hooks_module, "jemalloc_default_decay", refuse)
+    _train(12, [AllocatorPurgeHook(period=5)])  # a jemalloc 4: no decay control
+    assert allocator_calls == []
+
+    monkeypatch.setattr(hooks_module, "jemalloc_default_decay", lambda: (10000, 0))
+    monkeypatch.setattr(hooks_module, "jemalloc_purge", refuse)
+    _train(12, [AllocatorPurgeHook(period=5)])
+    # the first purge fails: jemalloc's own decay comes back and nothing more is tried
+    assert allocator_calls == [("decay", -1, -1), ("decay", 10000, 0)]
+
+
 def test_the_purge_period_must_be_positive():
     with pytest.raises(ValueError, match="period must be >= 1, got 0"):
         AllocatorPurgeHook(period=0)

@@ -102,12 +102,12 @@ def test_a_failing_step_names_the_batch_it_failed_on(capsys, monkeypatch):
 
 @pytest.mark.skipif(soak.peak_memory_mb() is None, reason="needs Linux /proc VmHWM")
 def test_the_peak_restarts_from_the_current_memory_after_a_reset():
-    soak.peak_memory_mb(reset=True)
+    assert soak.reset_peak_memory()
     block = b"x" * (200 << 20)
     del block
     soak.release_free_memory()  # jemalloc may keep the freed pages otherwise
     assert soak.peak_memory_mb() - soak.resident_memory_mb() > 150
-    soak.peak_memory_mb(reset=True)
+    assert soak.reset_peak_memory()
     assert soak.peak_memory_mb() - soak.resident_memory_mb() < 20
 
 

@@ -271,6 +271,22 @@ def test_check_cuda_build_compiles_with_python(tmp_path, fakes):
     assert not (tmp_path / "wrong.log").exists()
 
 
+def test_setup_stops_on_a_jemalloc_path_that_does_not_exist(tmp_path, fakes):
+    root = _repository_copy(tmp_path)
+    (root / "build").mkdir()
+    reason = "FileNotFoundError: FOCUS_DETR_JEMALLOC='/no/lib.so': no such file"
+    fakes.update(
+        FAKE_FOUND=_ALL_OK.replace(_JEMALLOC_OK, f"jemalloc missing {reason}\\n"),
+        FAKE_UID="0",
+        FOCUS_DETR_JEMALLOC="/no/lib.so",
+    )
+    result = _bash("source scripts/setup_env.sh && focus_detr_setup", fakes, root)
+    assert result.returncode == 1
+    assert f"FAILED: FOCUS_DETR_JEMALLOC=/no/lib.so: {reason}" in result.stderr
+    assert "unset it" in result.stderr
+    assert not os.path.exists(fakes["FAKE_APT_LOG"])  # no other jemalloc installed instead
+
+
 def test_benchmark_allocators_prints_each_allocator_side_by_side(tmp_path, fakes):
     root = _repository_copy(tmp_path)
     fakes["FAKE_FOUND"] = _ALL_OK

@@ -152,19 +152,19 @@ def loaded_allocator(maps_file: str = "/proc/self/maps") -> str:
 
 def describe_allocator(environ: Mapping[str, str] = os.environ) -> str:
     """One line for the log: the allocator in use and, for jemalloc, its library and options."""
-    if loaded_allocator() == "jemalloc":
+    library = _jemalloc_serving_malloc()
+    if library is not None:
         conf = environ.get("MALLOC_CONF")
         conf = f"MALLOC_CONF={conf!r}" if conf else "MALLOC_CONF unset"
-        return f"memory allocator: jemalloc {_jemalloc_serving_malloc()._name} ({conf})"
-    mode = environ.get(ALLOCATOR_ENV, "") or "auto"
+        return f"memory allocator: jemalloc {library._name} ({conf})"
     try:
         found = find_jemalloc(environ)
     except FileNotFoundError as error:
         found, missing = None, str(error)
     else:
         missing = "apt install libjemalloc2, conda install jemalloc"
-    if mode.strip().lower() == "system":
-        why = f"{ALLOCATOR_ENV}={mode}"
+    if allocator_mode(environ) == "system":
+        why = f"{ALLOCATOR_ENV}={environ[ALLOCATOR_ENV]}"
     elif found:
         why = (
             f"jemalloc {found} is installed but not preloaded: Python < 3.10, a program read "

@@ -150,18 +150,17 @@ class _Library:
 
 
 def test_describe_allocator_names_the_allocator_and_why(monkeypatch, tmp_path):
-    monkeypatch.setattr(allocator, "loaded_allocator", lambda: "system")
+    monkeypatch.setattr(allocator, "_jemalloc_serving_malloc", lambda: None)
     assert "FOCUS_DETR_ALLOCATOR=system" in describe_allocator({"FOCUS_DETR_ALLOCATOR": "system"})
     monkeypatch.setattr(allocator, "find_jemalloc", lambda environ: None)
     assert "jemalloc not found (apt install libjemalloc2" in describe_allocator({})
     monkeypatch.setattr(allocator, "find_jemalloc", lambda environ: "/lib/libjemalloc.so.2")
     assert "jemalloc /lib/libjemalloc.so.2 is installed but not preloaded" in describe_allocator({})
     monkeypatch.undo()
-    monkeypatch.setattr(allocator, "loaded_allocator", lambda: "system")
+    monkeypatch.setattr(allocator, "_jemalloc_serving_malloc", lambda: None)
     missing = str(tmp_path / "nowhere.so")
     assert f"{missing!r}: no such file" in describe_allocator({"FOCUS_DETR_JEMALLOC": missing})
 
-    monkeypatch.setattr(allocator, "loaded_allocator", lambda: "jemalloc")
     monkeypatch.setattr(allocator, "_jemalloc_serving_malloc", lambda: _Library())
     described = describe_allocator({"MALLOC_CONF": "x:1"})
     assert described == "memory allocator: jemalloc /lib/libjemalloc.so.2 (MALLOC_CONF='x:1')"

@@ -25,7 +25,6 @@ import argparse
 import ctypes
 import ctypes.util
 import itertools
-import os
 import sys
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -50,32 +49,11 @@ from omegaconf import OmegaConf
 from focus_detr.engine import DETRTrainer, build_model
 from focus_detr.engine.hooks import DEFAULT_PURGE_PERIOD, AllocatorPurgeHook, BoundedHistoryHook
 from focus_detr.engine.precision import amp_from_config
+from focus_detr.tools.process_memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 
-__all__ = [
-    "main",
-    "peak_memory_mb",
-    "random_batches",
-    "release_free_memory",
-    "reset_peak_memory",
-    "resident_memory_mb",
-    "verdict",
-]
+__all__ = ["main", "random_batches", "release_free_memory", "verdict"]
 
 DEFAULT_CONFIG = "configs/focus_detr_demo_shapes.py"
-
-
-def resident_memory_mb() -> float:
-    """This process's resident memory in MiB (Linux ``/proc``, else psutil)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        try:
-            import psutil
-        except ImportError as error:
-            raise RuntimeError("resident memory needs Linux /proc or the psutil package") from error
-        return psutil.Process().memory_info().rss / 2**20
 
 
 def release_free_memory() -> Optional[str]:
@@ -91,26 +69,6 @@ def release_free_memory() -> Optional[str]:
     except (OSError, AttributeError, TypeError):
         return None
     return "malloc_trim"
-
-
-def peak_memory_mb() -> Optional[float]:
-    """This process's peak resident memory in MiB (Linux ``VmHWM``), or None where unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
-def reset_peak_memory() -> bool:
-    """Restart the peak of :func:`peak_memory_mb` from the current RSS; False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def _sizes(max_side: int) -> List[Tuple[int, int]]:

@@ -7,6 +7,7 @@ import pytest
 from helpers import DEMO_CONFIG
 
 from focus_detr.tools import soak
+from focus_detr.tools.process_memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -100,15 +101,15 @@ def test_a_failing_step_names_the_batch_it_failed_on(capsys, monkeypatch):
     )
 
 
-@pytest.mark.skipif(soak.peak_memory_mb() is None, reason="needs Linux /proc VmHWM")
+@pytest.mark.skipif(peak_memory_mb() is None, reason="needs Linux /proc VmHWM")
 def test_the_peak_restarts_from_the_current_memory_after_a_reset():
-    assert soak.reset_peak_memory()
+    assert reset_peak_memory()
     block = b"x" * (200 << 20)
     del block
     soak.release_free_memory()  # jemalloc may keep the freed pages otherwise
-    assert soak.peak_memory_mb() - soak.resident_memory_mb() > 150
-    assert soak.reset_peak_memory()
-    assert soak.peak_memory_mb() - soak.resident_memory_mb() < 20
+    assert peak_memory_mb() - resident_memory_mb() > 150
+    assert reset_peak_memory()
+    assert peak_memory_mb() - resident_memory_mb() < 20
 
 
 def test_memory_is_read_right_after_a_purge():

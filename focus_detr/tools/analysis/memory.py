@@ -15,12 +15,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 import focus_detr
+from focus_detr.tools.process_memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 
 from .inputs import model_inputs
 
@@ -57,17 +58,6 @@ def measure_cuda_peak_memory(model: nn.Module, inputs: Sequence[Dict]) -> float:
             model([item])
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / _MIB
-
-
-def _read_status_kib() -> Tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in KiB from /proc/self/status (Linux)."""
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(value.split()[0])
-    return values["VmRSS"], values["VmHWM"]
 
 
 def cpu_peak_memory_supported() -> bool:
@@ -131,17 +121,17 @@ def _measure_in_this_process(args: argparse.Namespace) -> Dict[str, float]:
     )
     model = build_analysis_model(config, torch.device("cpu"))
     inputs = torch.load(args.inputs, weights_only=True)
-    before, _ = _read_status_kib()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current RSS
+    before = resident_memory_mb()
+    if not reset_peak_memory():  # VmHWM restarts from the current RSS
+        raise OSError("cannot reset the peak RSS: /proc/self/clear_refs is not writable")
     with torch.no_grad():
         for item in inputs:
             model([item])
-    _, peak = _read_status_kib()
+    peak = peak_memory_mb()
     return {
-        "rss_before_mib": before / 1024.0,
-        "peak_rss_mib": peak / 1024.0,
-        "peak_increase_mib": max(peak - before, 0) / 1024.0,
+        "rss_before_mib": before,
+        "peak_rss_mib": peak,
+        "peak_increase_mib": max(peak - before, 0.0),
     }
 
 

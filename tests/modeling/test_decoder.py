@@ -1,3 +1,5 @@
+import math
+
 import helpers
 import pytest
 import torch
@@ -104,12 +106,24 @@ def test_reference_update(refine_from_normed):
         assert not torch.allclose(expected_next, expected_returned, atol=1e-3)
 
 
-def test_inverse_sigmoid_matches_the_reference_formula():
-    x = torch.tensor([0.0, 1e-4, 1e-3, 0.3, 0.999, 1.0])
-    expected = torch.log(x.clamp(min=1e-3) / (1 - x).clamp(min=1e-3))
-    assert torch.equal(inverse_sigmoid(x), expected)
-    # torch.logit(x, eps) clamps x itself and differs at the ends
-    assert not torch.allclose(torch.logit(x, 1e-3), expected)
+def test_inverse_sigmoid_hand_worked_values():
+    # log(max(x, 1e-3) / max(1 - x, 1e-3)), each value worked out by hand
+    x = torch.tensor([0.0, 1e-4, 1e-3, 0.3, 0.999, 1.0], dtype=torch.float64)
+    ln10 = math.log(10)
+    expected = torch.tensor(
+        [
+            -3 * ln10,  # 0: log(1e-3 / 1), the numerator clamped
+            -3 * ln10 - math.log(0.9999),  # 1e-4: log(1e-3 / 0.9999)
+            -3 * ln10 - math.log(0.999),  # 1e-3: log(1e-3 / 0.999)
+            math.log(3) - math.log(7),  # 0.3: log(0.3 / 0.7)
+            math.log(999),  # 0.999: log(0.999 / 1e-3), the denominator clamped
+            3 * ln10,  # 1: log(1 / 1e-3)
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(inverse_sigmoid(x), expected, rtol=1e-14, atol=1e-14)
+    # torch.logit(x, eps) clamps x itself: at 0 it gives log(1e-3 / 0.999), not log(1e-3)
+    assert torch.logit(x, 1e-3)[0].item() == pytest.approx(-3 * ln10 - math.log(0.999))
 
 
 def test_look_forward_twice_gradient():

@@ -10,6 +10,19 @@ from helpers import make_batched_inputs, tiny_model_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+# Last over first value after 120 steps, measured for seeds 0-4 natively and under
+# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on an AMD EPYC (Zen 4), 10 runs:
+#   total 0.168-0.328, loss_bbox 0.015-0.175, loss_giou 0.026-0.336,
+#   loss_foreground 0.193-0.424, loss_class 0.065-0.295.
+# The bounds sit 1.65x to 2.6x above the worst run; a detached or unweighted term stays near 1.
+BOUNDS = {
+    "total": 0.6,
+    "loss_bbox": 0.45,
+    "loss_giou": 0.6,
+    "loss_foreground": 0.7,
+    "loss_class": 0.6,
+}
+
 
 @pytest.mark.slow
 def test_loss_falls_by_a_large_factor_on_one_batch():
@@ -31,9 +44,7 @@ def test_loss_falls_by_a_large_factor_on_one_batch():
         optimizer.step()
         history.append({name: float(value) for name, value in losses.items()})
     first, last = history[0], history[-1]
-    # measured: total 32.0 -> 7.3, loss_bbox 4.4 -> 0.39, loss_giou 1.9 -> 0.37
-    assert sum(last.values()) < 0.3 * sum(first.values())
-    assert last["loss_bbox"] < 0.15 * first["loss_bbox"]
-    assert last["loss_giou"] < 0.3 * first["loss_giou"]
-    assert last["loss_foreground"] < 0.5 * first["loss_foreground"]
-    assert last["loss_class"] < 0.5 * first["loss_class"]
+    ratios = {name: last[name] / first[name] for name in BOUNDS if name != "total"}
+    ratios["total"] = sum(last.values()) / sum(first.values())
+    for name, bound in BOUNDS.items():
+        assert ratios[name] < bound, (name, ratios)

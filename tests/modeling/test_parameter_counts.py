@@ -62,13 +62,6 @@ def _count(module):
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def test_the_hand_counts_match_the_values_once_pinned():
-    # the arithmetic above gives the counts pinned when the R50 config was first checked
-    assert NECK == 5_639_168 and DECODER == 10_391_800 and QUERY_SELECTION == 449_876
-    assert ENCODERS["focus_detr_r50_4scale_12ep.py"] == 9_382_660
-    assert SCORER + LEVELS - 1 == 107_524
-
-
 @pytest.mark.parametrize("config", sorted(ENCODERS))
 def test_r50_parameter_counts(config, single_thread):
     model = instantiate(LazyConfig.load(f"{CONFIG_DIR}/{config}").model)

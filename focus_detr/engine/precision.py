@@ -32,19 +32,9 @@ logger = logging.getLogger(__name__)
 
 # oneDNN's ONEDNN_MAX_CPU_ISA values for x86, lowest first; "ALL" (its default) limits nothing
 _ONEDNN_ISAS = (
-    "SSE41",
-    "AVX",
-    "AVX2",
-    "AVX2_VNNI",
-    "AVX2_VNNI_2",
-    "AVX512_CORE",
-    "AVX512_CORE_VNNI",
-    "AVX512_CORE_BF16",
-    "AVX512_CORE_FP16",
-    "AVX512_CORE_AMX",
-    "AVX512_CORE_AMX_FP16",
-    "ALL",
-)
+    "SSE41 AVX AVX2 AVX2_VNNI AVX2_VNNI_2 AVX512_CORE AVX512_CORE_VNNI AVX512_CORE_BF16 "
+    "AVX512_CORE_FP16 AVX512_CORE_AMX AVX512_CORE_AMX_FP16 ALL"
+).split()
 # oneDNN's newer names of the same levels
 _ONEDNN_ALIASES = {
     "DEFAULT": "ALL",
@@ -82,7 +72,7 @@ def cpu_bfloat16_support(environ: Mapping[str, str] = os.environ) -> AmpChoice:
     if capability != "AVX512":
         return AmpChoice(False, None, f"torch's CPU kernels are limited below AVX512 ({facts})")
     if limit not in _ONEDNN_ISAS:
-        known = ", ".join(_ONEDNN_ISAS + tuple(_ONEDNN_ALIASES))
+        known = ", ".join(_ONEDNN_ISAS + list(_ONEDNN_ALIASES))
         reason = f"ONEDNN_MAX_CPU_ISA={environ['ONEDNN_MAX_CPU_ISA']!r} is none of {known}"
         return AmpChoice(False, None, f"{reason} ({facts})")
     level = _ONEDNN_ISAS.index(limit)

@@ -12,8 +12,6 @@ Prints one line per component, ``<name> ok [details]`` or ``<name> missing [reas
   when torch is missing: detectron2 cannot import without it).
 - ``focus_detr``: imported from ROOT (not another checkout or a copy in site-packages) with its
   compiled extension loaded.
-- ``jemalloc``: the jemalloc library that ``train_net.py`` preloads (ROOT's
-  ``focus_detr/allocator.py`` searches for it); details: its path.
 - ``devtools`` (with ``--dev``): pytest, black, isort, flake8, onnx, onnxscript, onnxruntime.
 
 Run it from a folder outside ROOT, so that the checkout cannot shadow the installed package.
@@ -68,20 +66,6 @@ def check_focus_detr(root: str) -> str:
     return "focus_detr ok"
 
 
-def check_jemalloc(root: str) -> str:
-    # the module of ROOT by its path: it imports nothing but the standard library and works
-    # before focus_detr is installed
-    path = os.path.join(root, "focus_detr", "allocator.py")
-    try:
-        spec = importlib.util.spec_from_file_location("_focus_detr_allocator", path)
-        allocator = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(allocator)
-        found = allocator.find_jemalloc()
-    except Exception as error:  # noqa: B902
-        return f"jemalloc missing {_reason(error)}"
-    return f"jemalloc ok {found}" if found else "jemalloc missing not found"
-
-
 def check_dev_tools() -> str:
     missing = [name for name in DEV_TOOLS if importlib.util.find_spec(name) is None]
     return f"devtools missing {' '.join(missing)}" if missing else "devtools ok"
@@ -98,7 +82,6 @@ def main(argv=None) -> int:
         lines += [check_detectron2(), check_focus_detr(args.root)]
     else:
         lines += ["detectron2 unchecked torch is missing", "focus_detr unchecked torch is missing"]
-    lines.append(check_jemalloc(args.root))
     if args.dev:
         lines.append(check_dev_tools())
     print("\n".join(lines), flush=True)

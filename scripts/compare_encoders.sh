@@ -13,6 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=setup_env.sh
 source "$ROOT/scripts/setup_env.sh"
 focus_detr_setup
+focus_detr_preload_jemalloc
 cd "$ROOT"
 OUTPUT_DIR="${1:-output/compare_encoders}"
 shift || true

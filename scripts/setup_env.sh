@@ -8,18 +8,49 @@
 #   3. with --dev: pytest, black, isort, flake8, and onnx/onnxscript/onnxruntime (export tests),
 #   4. this package, editable, with its C++ (and, with a GPU or FORCE_CUDA=1, CUDA) extension,
 #      rebuilt when the kernel sources or the torch version changed,
-#   5. jemalloc, which train_net.py preloads (focus_detr/allocator.py): when it is missing and
-#      this is root with apt-get, Debian's libjemalloc2; otherwise how to install it is printed
-#      (never fatal: without it training runs on the system's malloc). FOCUS_DETR_ALLOCATOR=system
-#      skips this step.
-# Sourcing it defines focus_detr_setup and sets FOCUS_DETR_ROOT and PYTHON, nothing else: no shell
-# option (set -e, pipefail, ...) of the caller changes. focus_detr_setup runs its steps in a
+#   5. jemalloc, which run_demo.sh preloads: when it is missing and this is root with apt-get,
+#      Debian's libjemalloc2; otherwise how to install it is printed (never fatal).
+# Sourcing it defines focus_detr_setup, focus_detr_find_jemalloc and focus_detr_preload_jemalloc
+# and sets FOCUS_DETR_ROOT, FOCUS_DETR_LIB_DIRS and PYTHON, nothing else: no shell option
+# (set -e, pipefail, ...) of the caller changes. focus_detr_setup runs its steps in a
 # subshell with `set -euo pipefail`; on failure it returns 1 (it never exits the caller's shell)
 # and on success sets PYTHON to the interpreter's absolute path. Every interpreter it runs is
 # $PYTHON.
 
 FOCUS_DETR_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
+# folders searched for libjemalloc.so.2 after the active conda environment, before `ldconfig -p`
+FOCUS_DETR_LIB_DIRS="${FOCUS_DETR_LIB_DIRS:-/usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib /usr/local/lib}"
+
+# Prints the path of libjemalloc.so.2 ($CONDA_PREFIX/lib, FOCUS_DETR_LIB_DIRS, then `ldconfig -p`),
+# nothing when there is none.
+focus_detr_find_jemalloc() {
+  local dir
+  for dir in ${CONDA_PREFIX:+"$CONDA_PREFIX/lib"} $FOCUS_DETR_LIB_DIRS; do
+    if [ -f "$dir/libjemalloc.so.2" ]; then
+      echo "$dir/libjemalloc.so.2"
+      return 0
+    fi
+  done
+  { ldconfig -p 2>/dev/null || true; } | awk '$1 == "libjemalloc.so.2" { print $NF; exit }'
+}
+
+# Exports LD_PRELOAD with jemalloc in front when it is found, for the commands the caller starts:
+# glibc's malloc fragments in long CPU runs on images of changing sizes, jemalloc does not
+# (docs/benchmarks.md, "Memory").
+focus_detr_preload_jemalloc() {
+  local library
+  library="$(focus_detr_find_jemalloc)"
+  if [ -z "$library" ]; then
+    _focus_detr_say "memory allocator: the system's malloc (jemalloc not found)"
+    return 0
+  fi
+  case ":${LD_PRELOAD:-}:" in
+    *":$library:"*) ;;
+    *) export LD_PRELOAD="$library${LD_PRELOAD:+:$LD_PRELOAD}" ;;
+  esac
+  _focus_detr_say "memory allocator: jemalloc (LD_PRELOAD=$LD_PRELOAD)"
+}
 
 focus_detr_setup() {
   # absolute, so that checks can run from / (where this checkout cannot shadow the install)
@@ -112,34 +143,23 @@ _focus_detr_setup_steps() {
       || _focus_detr_fail "import focus_detr after installing it" "run: $PYTHON -c 'import focus_detr.layers' to see the error"
   fi
 
-  # 5. jemalloc (keeps a long run's memory flat on changing image sizes; README).
-  if _focus_detr_found jemalloc; then
-    _focus_detr_say "jemalloc: $(echo "$found" | sed -n 's/^jemalloc ok //p') (train_net.py preloads it)"
-  elif [ "${FOCUS_DETR_ALLOCATOR:-auto}" = system ]; then
-    _focus_detr_say "jemalloc: not looked for (FOCUS_DETR_ALLOCATOR=system)"
-  elif [ -n "${FOCUS_DETR_JEMALLOC:-}" ]; then
-    # train_net.py would stop on it too: say so now instead of installing another jemalloc
-    _focus_detr_fail "FOCUS_DETR_JEMALLOC=$FOCUS_DETR_JEMALLOC: $(echo "$found" | sed -n 's/^jemalloc missing //p')" \
-      "point FOCUS_DETR_JEMALLOC at a libjemalloc.so.2 that exists, or unset it"
+  # 5. jemalloc, which run_demo.sh preloads.
+  local jemalloc
+  jemalloc="$(focus_detr_find_jemalloc)"
+  if [ -n "$jemalloc" ]; then
+    _focus_detr_say "jemalloc: $jemalloc (kept)"
   elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     _focus_detr_say "jemalloc missing: installing Debian's libjemalloc2 with apt-get"
     # at most 5 minutes each: a machine without access to Debian's mirrors goes on without it
     local apt_install="timeout 300 apt-get install -y -qq --no-install-recommends libjemalloc2"
     if DEBIAN_FRONTEND=noninteractive $apt_install >/dev/null 2>&1 \
       || { timeout 300 apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $apt_install >/dev/null 2>&1; }; then
-      local installed
-      installed="$("$PYTHON" -c 'import runpy, sys; print(runpy.run_path(sys.argv[1])["find_jemalloc"]() or "")' \
-        "$FOCUS_DETR_ROOT/focus_detr/allocator.py")" || installed=""
-      if [ -n "$installed" ]; then
-        _focus_detr_say "jemalloc: installed $installed (train_net.py preloads it)"
-      else
-        _focus_detr_say "jemalloc: apt-get installed libjemalloc2 but it is not where focus_detr/allocator.py looks; set FOCUS_DETR_JEMALLOC=/path/to/libjemalloc.so.2"
-      fi
+      _focus_detr_say "jemalloc: installed libjemalloc2 ($(focus_detr_find_jemalloc))"
     else
-      _focus_detr_say "jemalloc: apt-get could not install libjemalloc2; training uses the system's malloc (memory grows in long runs on changing image sizes)"
+      _focus_detr_say "jemalloc: apt-get could not install libjemalloc2; training runs on the system's malloc"
     fi
   else
-    _focus_detr_say "jemalloc not found: training uses the system's malloc, whose memory grows in long runs on changing image sizes; install it (apt install libjemalloc2, conda install jemalloc) or set FOCUS_DETR_JEMALLOC=/path/to/libjemalloc.so.2"
+    _focus_detr_say "jemalloc not found: training runs on the system's malloc, whose memory grows in long CPU runs; install it with apt install libjemalloc2 or conda install jemalloc"
   fi
   _focus_detr_say "ready"
 }

@@ -5,6 +5,9 @@ repository root, for ``train_net``) on the path, in every import mode and in the
 detectron2's ``launch`` spawns (they receive the parent's path).
 """
 
+import os
+import types
+
 import helpers
 import pytest
 import torch
@@ -44,3 +47,13 @@ def tiny_model():
 def tiny_batched_inputs():
     """Two images of 200x250 and 200x249; the first with two boxes, the second without."""
     return helpers.make_batched_inputs()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A 4 + 2 image synthetic dataset (64..96 pixels) registered under a unique name."""
+    root = str(tmp_path_factory.mktemp("shapes"))
+    prefix = f"test_training_{os.getpid()}"
+    return types.SimpleNamespace(
+        root=root, prefix=prefix, names=helpers.register_tiny_shapes(root, prefix)
+    )

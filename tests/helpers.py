@@ -22,7 +22,6 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 
 from focus_detr.data import CLASS_NAMES, prepare_synthetic_shapes, register_synthetic_shapes
-from focus_detr.engine import train_loop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -244,7 +243,7 @@ def tiny_train_config(
     test_loader.num_workers = 0
     cfg.train.output_dir = os.fspath(output_dir)
     cfg.train.device = "cpu"
-    # fixed float32: "auto" would depend on a timing, and seeded runs must reproduce exactly
+    # fixed float32: "auto" depends on the CPU, and seeded runs must reproduce exactly
     cfg.train.amp.enabled = False
     cfg.train.seed = seed
     cfg.train.max_iter = max_iter
@@ -275,15 +274,16 @@ def train_net_worker(dataset_root: str, name_prefix: str, argv: Sequence[str]) -
     torch.set_num_threads(1)
     register_tiny_shapes(dataset_root, name_prefix)
     built = []
-    build_model = train_loop.build_model
+    train_net = import_train_net()
+    build_model = train_net.build_model
 
     def recording_build_model(cfg):
         built.append(build_model(cfg))
         return built[-1]
 
-    train_loop.build_model = recording_build_model
+    train_net.build_model = recording_build_model
     args = default_argument_parser().parse_args(list(argv))
-    import_train_net().main(args)
+    train_net.main(args)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     torch.save(
         {

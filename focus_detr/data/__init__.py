@@ -1,4 +1,4 @@
-"""Datasets of focus_detr: a built-in synthetic shapes detection dataset.
+"""Data of focus_detr: the built-in synthetic shapes dataset and the resumable training loader.
 
 Importing this package registers ``focus_detr_shapes_train`` (1000 images) and
 ``focus_detr_shapes_val`` (200 images) under the default root, like detectron2's builtin
@@ -14,12 +14,15 @@ from .register_shapes import (
 from .shape_drawing import CLASS_NAMES
 from .synthetic_cache import default_root, ensure_synthetic_split
 from .synthetic_shapes import SCALE_RANGE_NAMES, ShapesConfig
+from .train_loader import SampleLoadError, build_resumable_train_loader
 
 __all__ = [
     "CLASS_NAMES",
     "DEFAULT_DATASET_PREFIX",
     "SCALE_RANGE_NAMES",
+    "SampleLoadError",
     "ShapesConfig",
+    "build_resumable_train_loader",
     "default_root",
     "ensure_synthetic_split",
     "prepare_synthetic_shapes",

@@ -1,14 +1,13 @@
-from .checkpoint import CheckpointError, SafeCheckpointer
-from .data_loader import SampleLoadError, build_resumable_train_loader
+from .checkpoint import CheckpointError, SafeCheckpointer, resume_advice
+from .defaults import build_model, load_for_eval, wrap_ddp
 from .ema import ModelEMA
-from .hooks import AllocatorPurgeHook, BoundedHistoryHook, IterationSeedHook
+from .hooks import BoundedHistoryHook, IterationSeedHook
 from .nonfinite import NonFiniteLossError
-from .preflight import PreflightError, run_preflight
-from .train_loop import build_model, do_test, do_train, load_for_eval, wrap_ddp
+from .precision import amp_from_config
+from .preflight import PreflightError, check_output_dir, run_preflight
 from .trainer import DETRTrainer
 
 __all__ = [
-    "AllocatorPurgeHook",
     "BoundedHistoryHook",
     "CheckpointError",
     "DETRTrainer",
@@ -17,12 +16,11 @@ __all__ = [
     "NonFiniteLossError",
     "PreflightError",
     "SafeCheckpointer",
-    "SampleLoadError",
+    "amp_from_config",
     "build_model",
-    "build_resumable_train_loader",
-    "do_test",
-    "do_train",
+    "check_output_dir",
     "load_for_eval",
+    "resume_advice",
     "run_preflight",
     "wrap_ddp",
 ]

@@ -21,7 +21,13 @@ from urllib.parse import urlparse
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["CheckpointError", "SafeCheckpointer", "atomic_write", "find_intact_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "SafeCheckpointer",
+    "atomic_write",
+    "find_intact_checkpoint",
+    "resume_advice",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -197,3 +203,17 @@ def find_intact_checkpoint(checkpointer: SafeCheckpointer) -> Optional[str]:
             return path
         logger.warning(f"Checkpoint {path} has NaN or infinite weights")
     return None
+
+
+def resume_advice(checkpointer: SafeCheckpointer) -> str:
+    """Which checkpoint of a stopped run ``--resume`` continues from (checked to be intact)."""
+    path = find_intact_checkpoint(checkpointer)
+    if path is None:
+        return f"No intact checkpoint in {checkpointer.save_dir}: a new run starts from scratch"
+    last = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else None
+    if path == last:
+        return f"The last checkpoint {path} is intact: --resume continues from it"
+    return (
+        f"The newest intact checkpoint is {path}: write its file name into "
+        f"{checkpointer.save_dir}/last_checkpoint, then --resume continues from it"
+    )

@@ -9,7 +9,7 @@ an error naming the offending path or name, not hours later inside a loader work
   most ``HEADER_CHECK_MAX_IMAGES`` images, each image's header is also read with PIL, which
   catches files that are not images at all without decoding any pixel. Damage beyond the header
   (a truncated file) shows when the image is decoded during training, where the loader raises
-  :class:`~focus_detr.engine.data_loader.SampleLoadError` naming the file.
+  :class:`~focus_detr.data.train_loader.SampleLoadError` naming the file.
 """
 
 import difflib

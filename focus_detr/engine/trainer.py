@@ -64,7 +64,7 @@ class DETRTrainer(SimpleTrainer):
         self.ema = ema
         self.nonfinite = NonFiniteStepGuard(max_consecutive=max_consecutive_nonfinite)
         # The run seed: data order, each sample's augmentation and each step's randomness derive
-        # from it (see focus_detr.engine.seeding). Saved in checkpoints, so that a resumed run
+        # from it (see focus_detr.data.seeding). Saved in checkpoints, so that a resumed run
         # continues the streams of the run it resumes even when the config's seed is random.
         self.seed: Optional[int] = None
 

@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 from detectron2.utils.events import get_event_storage
-from helpers import read_metrics, tiny_train_config
+from helpers import import_train_net, read_metrics, tiny_train_config
 
-from focus_detr.engine import DETRTrainer, NonFiniteLossError, do_train, train_loop
+from focus_detr.engine import DETRTrainer, NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+train_net = import_train_net()
 
 
 @pytest.fixture
@@ -20,7 +22,7 @@ def poison(monkeypatch):
     running mean).
     """
     bad = set()
-    build = train_loop.build_model
+    build = train_net.build_model
 
     def build_poisoned(cfg):
         model = build(cfg)
@@ -35,7 +37,7 @@ def poison(monkeypatch):
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(train_loop, "build_model", build_poisoned)
+    monkeypatch.setattr(train_net, "build_model", build_poisoned)
     return bad.update
 
 
@@ -51,7 +53,7 @@ def _config(tmp_path, shapes, max_iter, **skip):
 def test_a_nan_loss_stops_training_naming_the_step_and_the_checkpoint(shapes, tmp_path, poison):
     poison({3})
     with pytest.raises(NonFiniteLossError) as error:
-        do_train(_config(tmp_path, shapes, max_iter=6))
+        train_net.do_train(_config(tmp_path, shapes, max_iter=6))
     message = str(error.value)
     assert error.value.iteration == 3
     assert "iteration 3" in message and "loss_bbox=nan" in message and "loss_class=" in message
@@ -64,7 +66,7 @@ def test_a_nan_loss_stops_training_naming_the_step_and_the_checkpoint(shapes, tm
 
 def test_skipped_steps_are_counted_and_undone(shapes, tmp_path, poison):
     poison({1, 2, 4})
-    do_train(_config(tmp_path, shapes, max_iter=6, max_consecutive=2))
+    train_net.do_train(_config(tmp_path, shapes, max_iter=6, max_consecutive=2))
     records = read_metrics(tmp_path)
     assert [r["iteration"] for r in records if "total_loss" in r] == [0, 3, 5]
     assert max(r.get("skipped_steps", 0) for r in records) == 3
@@ -79,7 +81,7 @@ def test_skipped_steps_are_counted_and_undone(shapes, tmp_path, poison):
 def test_too_many_skipped_steps_in_a_row_stop_training(shapes, tmp_path, poison):
     poison({1, 2, 3})
     with pytest.raises(NonFiniteLossError, match="iteration 3.*2 steps before it were skipped"):
-        do_train(_config(tmp_path, shapes, max_iter=6, max_consecutive=2))
+        train_net.do_train(_config(tmp_path, shapes, max_iter=6, max_consecutive=2))
 
 
 class _NaNGradient(torch.autograd.Function):

@@ -11,9 +11,11 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser
 from helpers import import_train_net, tiny_train_config
 
-from focus_detr.engine import PreflightError, do_train, train_loop
+from focus_detr.engine import PreflightError
 
 _count = itertools.count()
+
+train_net = import_train_net()
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +23,7 @@ def no_model(monkeypatch):
     def refuse(cfg):
         raise AssertionError("the pre-flight checks let a bad run build its model")
 
-    monkeypatch.setattr(train_loop, "build_model", refuse)
+    monkeypatch.setattr(train_net, "build_model", refuse)
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def _train(tmp_path, shapes, train_name=None, val_name=None):
     if val_name:
         cfg.dataloader.test.dataset.names = val_name
     del cfg.dataloader.evaluator
-    do_train(cfg)
+    train_net.do_train(cfg)
 
 
 def test_a_missing_image(shapes, tmp_path, copy_of):
@@ -109,12 +111,12 @@ def test_an_output_directory_that_cannot_be_created_or_written(shapes, tmp_path)
     }
     for output_dir, message in expected.items():
         with pytest.raises(PreflightError, match=message):
-            do_train(tiny_train_config(output_dir, shapes.names))
+            train_net.do_train(tiny_train_config(output_dir, shapes.names))
     if os.geteuid() != 0:  # root writes into read-only folders
         read_only = tmp_path / "read_only"
         read_only.mkdir(mode=0o500)
         with pytest.raises(PreflightError, match=f"{read_only} is not writable"):
-            do_train(tiny_train_config(read_only, shapes.names))
+            train_net.do_train(tiny_train_config(read_only, shapes.names))
 
 
 def test_train_net_checks_the_output_directory_before_writing_to_it(shapes, tmp_path):

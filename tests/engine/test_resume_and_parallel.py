@@ -12,11 +12,13 @@ from detectron2.config import LazyConfig
 from detectron2.engine import launch
 from detectron2.utils.env import seed_all_rng
 from fvcore.common.param_scheduler import CosineParamScheduler
-from helpers import TEST_EMA, read_metrics, tiny_train_config, train_net_worker
+from helpers import TEST_EMA, import_train_net, read_metrics, tiny_train_config, train_net_worker
 
-from focus_detr.engine import DETRTrainer, do_train
+from focus_detr.engine import DETRTrainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+train_net = import_train_net()
 
 
 class _Interrupted(Exception):
@@ -62,7 +64,7 @@ def test_resume_continues_iterations_schedule_random_streams_and_losses(
         return cfg
 
     seed_all_rng(0)
-    do_train(config(tmp_path / "uninterrupted"))
+    train_net.do_train(config(tmp_path / "uninterrupted"))
     uninterrupted = dict(records)
     assert sorted(uninterrupted) == [0, 1, 2, 3]
 
@@ -70,7 +72,7 @@ def test_resume_continues_iterations_schedule_random_streams_and_losses(
     seed_all_rng(0)
     stop_at[0] = first
     with pytest.raises(_Interrupted):
-        do_train(config(tmp_path / "resumed"))
+        train_net.do_train(config(tmp_path / "resumed"))
     assert sorted(records) == [0, 1]
     with open(tmp_path / "resumed" / "last_checkpoint") as f:
         assert f.read().strip() == "model_0000001.pth"
@@ -78,7 +80,7 @@ def test_resume_continues_iterations_schedule_random_streams_and_losses(
     records.clear()
     seed_all_rng(1234)  # resuming must not depend on the random state it starts with
     stop_at[0] = None
-    do_train(config(tmp_path / "resumed"), resume=True)
+    train_net.do_train(config(tmp_path / "resumed"), resume=True)
     assert sorted(records) == [2, 3]
     assert records[2]["lr"] != uninterrupted[0]["lr"]
     for iteration in (2, 3):

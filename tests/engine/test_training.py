@@ -25,9 +25,11 @@ from helpers import (
     tiny_train_config,
 )
 
-from focus_detr.engine import DETRTrainer, build_model, do_train, load_for_eval, train_loop
+from focus_detr.engine import DETRTrainer, build_model, load_for_eval
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+train_net = import_train_net()
 
 
 def _ema_config(output_dir, shapes, **kwargs):
@@ -41,7 +43,7 @@ def trained_run(tmp_path_factory, shapes):
     """Two iterations of do_train with EMA, then the final evaluation (with the EMA weights)."""
     output_dir = tmp_path_factory.mktemp("trained")
     seed_all_rng(0)
-    results = do_train(_ema_config(output_dir, shapes, max_iter=2))
+    results = train_net.do_train(_ema_config(output_dir, shapes, max_iter=2))
     return types.SimpleNamespace(output_dir=output_dir, results=results)
 
 
@@ -134,7 +136,7 @@ def test_ema_starts_from_the_initial_checkpoint(trained_run, shapes, tmp_path):
     cfg = _ema_config(tmp_path, shapes, max_iter=1)
     cfg.train.init_checkpoint = initial
     del cfg.dataloader.evaluator
-    do_train(cfg)
+    train_net.do_train(cfg)
     before = torch.load(initial, weights_only=True)["model"]
     checkpoint = torch.load(tmp_path / "model_final.pth", weights_only=True)
     after, ema = checkpoint["model"], checkpoint["ema"]["model"]
@@ -148,7 +150,7 @@ def test_ema_starts_from_the_initial_checkpoint(trained_run, shapes, tmp_path):
 
 def test_amp_bfloat16_on_cpu(shapes, tmp_path, monkeypatch):
     dtypes = []
-    build = train_loop.build_model
+    build = train_net.build_model
 
     def build_with_probe(cfg):
         model = build(cfg)
@@ -157,11 +159,11 @@ def test_amp_bfloat16_on_cpu(shapes, tmp_path, monkeypatch):
         )
         return model
 
-    monkeypatch.setattr(train_loop, "build_model", build_with_probe)
+    monkeypatch.setattr(train_net, "build_model", build_with_probe)
     cfg = tiny_train_config(tmp_path, shapes.names, max_iter=2)
     cfg.train.amp.enabled = True
     del cfg.dataloader.evaluator
-    do_train(cfg)
+    train_net.do_train(cfg)
     assert dtypes and set(dtypes) == {torch.bfloat16}
     losses = [r for r in read_metrics(tmp_path) if "total_loss" in r]
     assert [r["iteration"] for r in losses] == [0, 1]

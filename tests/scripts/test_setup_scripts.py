@@ -1,7 +1,8 @@
 """
 The set-up scripts: setup_env.sh leaves the caller's shell options alone and runs only $PYTHON,
-check_cuda_build.sh runs $PYTHON, and the detectron2 and torch wheels are installed only when
-their sha256 is the pinned one. Fake interpreters stand in for Python, so nothing is installed.
+check_cuda_build.sh runs $PYTHON, run_demo.sh preloads jemalloc where it is installed, and the
+detectron2 and torch wheels are installed only when their sha256 is the pinned one. Fake
+interpreters stand in for Python, so nothing is installed.
 """
 
 import hashlib
@@ -17,40 +18,31 @@ import zipfile
 import pytest
 from helpers import REPO_ROOT
 
-from focus_detr.allocator import find_jemalloc
-
 SCRIPTS = REPO_ROOT / "scripts"
 
-# Logs its arguments; fails when they match $FAKE_FAIL (a grep -E pattern); answers
-# scripts/check_env.py with $FAKE_FOUND; else prints a version.
+# Logs its arguments (and LD_PRELOAD for the demo's commands); fails when they match $FAKE_FAIL
+# (a grep -E pattern); answers scripts/check_env.py with $FAKE_FOUND; else prints a version.
 _FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_LOG"
 if [ -n "${FAKE_FAIL:-}" ] && echo "$*" | grep -Eq "$FAKE_FAIL"; then exit 1; fi
 case "$*" in
   *check_env.py*) printf "%b" "${FAKE_FOUND:-}"; exit 0;;
-  *allocator.py*) echo "${FAKE_JEMALLOC:-}"; exit 0;;
-  *benchmark_train*)
-    # a report whose allocator and mean step time follow the environment
-    if [ "${FOCUS_DETR_ALLOCATOR:-}" = system ] || [ -n "${FAKE_NO_JEMALLOC:-}" ]; then
-      a="the system's malloc"; m=0.4000
-    elif [ -n "${MALLOC_CONF:-}" ]; then a="jemalloc /l/libjemalloc.so.2 ($MALLOC_CONF)"; m=0.4200
-    else a="jemalloc /l/libjemalloc.so.2 (MALLOC_CONF unset)"; m=0.3600; fi
-    printf -- "- cpu: Fake\\n- memory allocator: %s\\n\\n| precision | s/iter (mean) |\\n" "$a"
-    printf -- "| --- | --- |\\n| float32 | %s |\\n" "$m"; exit 0;;
+  *train_net.py*|*focus_detr.demo*) echo "LD_PRELOAD=${LD_PRELOAD:-}" >> "$FAKE_LOG"; exit 0;;
 esac
 echo 2.14.1
 """
 
-# Logs its arguments to $FAKE_APT_LOG; fails when $FAKE_APT_FAIL is set.
+# Logs its arguments to $FAKE_APT_LOG; fails when $FAKE_APT_FAIL is set, else creates the file
+# $FAKE_APT_CREATES (if set).
 _FAKE_APT = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_APT_LOG"
-[ -z "${FAKE_APT_FAIL:-}" ]
+[ -z "${FAKE_APT_FAIL:-}" ] || exit 1
+[ -z "${FAKE_APT_CREATES:-}" ] || touch "$FAKE_APT_CREATES"
 """
 
 _TORCH_OK = "torch ok 2.14.1 0.29.1\\n"
-_JEMALLOC_OK = "jemalloc ok /fake/libjemalloc.so.2\\n"
-_ALL_OK = _TORCH_OK + "detectron2 ok\\nfocus_detr ok\\n" + _JEMALLOC_OK + "devtools ok\\n"
-_NOTHING_ELSE = "detectron2 missing x\\nfocus_detr missing x\\n" + _JEMALLOC_OK
+_ALL_OK = _TORCH_OK + "detectron2 ok\\nfocus_detr ok\\ndevtools ok\\n"
+_NOTHING_ELSE = "detectron2 missing x\\nfocus_detr missing x\\n"
 
 
 def _executable(path, text):
@@ -62,9 +54,9 @@ def _executable(path, text):
 @pytest.fixture
 def fakes(tmp_path):
     """
-    A fake interpreter (logging to fake.log), a python3 on PATH that must not run, and fake
-    apt-get (logging to apt.log) and id (uid $FAKE_UID, default 1000), so that nothing is
-    installed.
+    A fake interpreter (logging to fake.log), a python3 on PATH that must not run, fake apt-get
+    (logging to apt.log), id (uid $FAKE_UID, default 1000) and ldconfig (prints $FAKE_LDCONFIG),
+    so that nothing is installed; jemalloc is looked for in the empty folder lib/ only.
     """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -73,15 +65,18 @@ def fakes(tmp_path):
         _executable(bin_dir / name, f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/wrong.log\n')
     _executable(bin_dir / "apt-get", _FAKE_APT)
     _executable(bin_dir / "id", '#!/usr/bin/env bash\necho "${FAKE_UID:-1000}"\n')
+    _executable(bin_dir / "ldconfig", '#!/usr/bin/env bash\nprintf "%b" "${FAKE_LDCONFIG:-}"\n')
+    (tmp_path / "lib").mkdir()
     env = dict(
         os.environ,
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         FAKE_LOG=str(tmp_path / "fake.log"),
         FAKE_APT_LOG=str(tmp_path / "apt.log"),
         PYTHON=str(python),
+        FOCUS_DETR_LIB_DIRS=str(tmp_path / "lib"),
     )
-    env.pop("FOCUS_DETR_TORCH_PAIR", None)
-    env.pop("FOCUS_DETR_ALLOCATOR", None)
+    for name in ("FOCUS_DETR_TORCH_PAIR", "CONDA_PREFIX", "LD_PRELOAD"):
+        env.pop(name, None)
     return env
 
 
@@ -156,6 +151,7 @@ def test_setup_with_everything_in_place_checks_in_one_interpreter_and_installs_n
     os.remove(fakes["FAKE_LOG"])
 
     fakes["FAKE_FOUND"] = _ALL_OK  # what check_env.py reports once the first run installed it
+    (tmp_path / "lib" / "libjemalloc.so.2").touch()
     second = _bash("source scripts/setup_env.sh && focus_detr_setup --dev", fakes, root)
     assert second.returncode == 0, second.stdout + second.stderr
     calls = _log(fakes)
@@ -163,7 +159,7 @@ def test_setup_with_everything_in_place_checks_in_one_interpreter_and_installs_n
     assert "check_env.py" in calls[1] and calls[1].endswith("--dev")
     assert "torch/torchvision: 2.14.1 0.29.1 (kept)" in second.stdout
     assert "with its extension (kept)" in second.stdout
-    assert "jemalloc: /fake/libjemalloc.so.2 (train_net.py preloads it)" in second.stdout
+    assert f"jemalloc: {tmp_path}/lib/libjemalloc.so.2 (kept)" in second.stdout
     assert not os.path.exists(fakes["FAKE_APT_LOG"])
 
     # a changed kernel source changes the stamp: rebuilt although the package imports
@@ -186,55 +182,39 @@ def test_check_env_reports_each_component(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert sorted(lines) == ["detectron2", "devtools", "focus_detr", "jemalloc", "torch"]
+    assert sorted(lines) == ["detectron2", "devtools", "focus_detr", "torch"]
     import torch
 
     assert lines["torch"].startswith(f"ok {torch.__version__} ")
     assert lines["detectron2"] == "ok"
     # this interpreter's focus_detr is not under tmp_path: reported missing, with where it is
     assert lines["focus_detr"].startswith("missing ")
-    # tmp_path has no focus_detr/allocator.py to search with
-    assert lines["jemalloc"].startswith("missing FileNotFoundError")
-    checkout = subprocess.run(
-        [sys.executable, str(script), str(REPO_ROOT)],
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    jemalloc = [line for line in checkout.stdout.splitlines() if line.startswith("jemalloc ")]
-    found = find_jemalloc()
-    assert jemalloc == [f"jemalloc ok {found}" if found else "jemalloc missing not found"]
-
-
-_JEMALLOC_MISSING = _ALL_OK.replace(_JEMALLOC_OK, "jemalloc missing not found\\n")
 
 
 @pytest.mark.parametrize(
-    "uid, allocator, apt_fails, installs, said",
+    "uid, apt_fails, installs, said",
     [
-        ("0", "", "", True, "jemalloc: installed /usr/lib/libjemalloc.so.2"),
-        ("0", "", "1", True, "apt-get could not install libjemalloc2"),
-        ("1000", "", "", False, "install it (apt install libjemalloc2, conda install jemalloc)"),
-        ("0", "system", "", False, "jemalloc: not looked for (FOCUS_DETR_ALLOCATOR=system)"),
+        ("0", "", True, "jemalloc: installed libjemalloc2 ({lib}/libjemalloc.so.2)"),
+        ("0", "1", True, "apt-get could not install libjemalloc2"),
+        ("1000", "", False, "install it with apt install libjemalloc2 or conda install jemalloc"),
     ],
 )
 def test_setup_installs_a_missing_jemalloc_only_as_root_with_apt(
-    tmp_path, fakes, uid, allocator, apt_fails, installs, said
+    tmp_path, fakes, uid, apt_fails, installs, said
 ):
     root = _repository_copy(tmp_path)
     (root / "build").mkdir()
+    lib = tmp_path / "lib"
     fakes.update(
-        FAKE_FOUND=_JEMALLOC_MISSING,
+        FAKE_FOUND=_ALL_OK,
         FAKE_UID=uid,
-        FOCUS_DETR_ALLOCATOR=allocator,
         FAKE_APT_FAIL=apt_fails,
-        FAKE_JEMALLOC="/usr/lib/libjemalloc.so.2",
+        FAKE_APT_CREATES=str(lib / "libjemalloc.so.2"),
     )
     result = _bash("source scripts/setup_env.sh && focus_detr_setup", fakes, root)
     # never fatal: training runs on the system's malloc without it
     assert result.returncode == 0, result.stdout + result.stderr
-    assert said in result.stdout
+    assert said.format(lib=lib) in result.stdout
     apt = _log(dict(FAKE_LOG=fakes["FAKE_APT_LOG"]))
     if installs:
         assert "install -y -qq --no-install-recommends libjemalloc2" in apt
@@ -242,6 +222,66 @@ def test_setup_installs_a_missing_jemalloc_only_as_root_with_apt(
         assert apt[1:] == (["update -qq"] if apt_fails else []), apt
     else:
         assert apt == []
+
+
+def test_jemalloc_is_found_in_conda_then_the_library_folders_then_by_ldconfig(tmp_path, fakes):
+    conda, system = tmp_path / "conda", tmp_path / "system"
+    (conda / "lib").mkdir(parents=True)
+    system.mkdir()
+    fakes.update(
+        FOCUS_DETR_LIB_DIRS=f"{tmp_path}/lib {system}",
+        FAKE_LDCONFIG="\\tlibc.so.6 (libc6,x86-64) => /ld/libc.so.6\\n"
+        "\\tlibjemalloc.so.2 (libc6,x86-64) => /ld/libjemalloc.so.2\\n",
+    )
+
+    def found():
+        result = _bash("source scripts/setup_env.sh && focus_detr_find_jemalloc", fakes, REPO_ROOT)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert found() == "/ld/libjemalloc.so.2\n"
+    (system / "libjemalloc.so.2").touch()
+    assert found() == f"{system}/libjemalloc.so.2\n"
+    (conda / "lib" / "libjemalloc.so.2").touch()
+    fakes["CONDA_PREFIX"] = str(conda)
+    assert found() == f"{conda}/lib/libjemalloc.so.2\n"
+    fakes.update(CONDA_PREFIX=str(tmp_path), FOCUS_DETR_LIB_DIRS=str(tmp_path), FAKE_LDCONFIG="")
+    assert found() == ""
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_run_demo_preloads_jemalloc_where_it_is_installed(tmp_path, fakes, installed):
+    root = _repository_copy(tmp_path)
+    library = tmp_path / "lib" / "libjemalloc.so.2"
+    if installed:
+        library.write_bytes(b"")  # not loadable: the loader skips it with a message
+    fakes["FAKE_FOUND"] = _ALL_OK
+    result = _bash("bash scripts/run_demo.sh out train.max_iter=5", fakes, root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = _log(fakes)
+    train = next(i for i, call in enumerate(calls) if call.startswith("train_net.py"))
+    assert "train.output_dir=out train.max_iter=5" in calls[train]
+    demo = next(i for i, call in enumerate(calls) if call.startswith("-m focus_detr.demo"))
+    # training and the pictures both run with it
+    expected = f"LD_PRELOAD={library if installed else ''}"
+    assert calls[train + 1] == calls[demo + 1] == expected
+    said = f"jemalloc (LD_PRELOAD={library})" if installed else "the system's malloc (jemalloc"
+    assert f"[setup] memory allocator: {said}" in result.stdout
+
+
+def test_preloading_twice_keeps_one_jemalloc_and_the_callers_preloads(tmp_path, fakes):
+    library = tmp_path / "lib" / "libjemalloc.so.2"
+    library.write_bytes(b"")
+    result = _bash(
+        """source scripts/setup_env.sh
+        LD_PRELOAD=/other.so
+        focus_detr_preload_jemalloc >/dev/null
+        focus_detr_preload_jemalloc >/dev/null
+        printf '%s' "$LD_PRELOAD" """,
+        fakes,
+        REPO_ROOT,
+    )
+    assert result.stdout == f"{library}:/other.so"
 
 
 def test_setup_without_an_interpreter_fails_without_leaving_the_shell(tmp_path, fakes):
@@ -269,43 +309,6 @@ def test_check_cuda_build_compiles_with_python(tmp_path, fakes):
     assert result.returncode == 1 and "FAILED" in result.stderr
     assert any(call.startswith("setup.py build_ext") for call in _log(fakes))
     assert not (tmp_path / "wrong.log").exists()
-
-
-def test_setup_stops_on_a_jemalloc_path_that_does_not_exist(tmp_path, fakes):
-    root = _repository_copy(tmp_path)
-    (root / "build").mkdir()
-    reason = "FileNotFoundError: FOCUS_DETR_JEMALLOC='/no/lib.so': no such file"
-    fakes.update(
-        FAKE_FOUND=_ALL_OK.replace(_JEMALLOC_OK, f"jemalloc missing {reason}\\n"),
-        FAKE_UID="0",
-        FOCUS_DETR_JEMALLOC="/no/lib.so",
-    )
-    result = _bash("source scripts/setup_env.sh && focus_detr_setup", fakes, root)
-    assert result.returncode == 1
-    assert f"FAILED: FOCUS_DETR_JEMALLOC=/no/lib.so: {reason}" in result.stderr
-    assert "unset it" in result.stderr
-    assert not os.path.exists(fakes["FAKE_APT_LOG"])  # no other jemalloc installed instead
-
-
-def test_benchmark_allocators_prints_each_allocator_side_by_side(tmp_path, fakes):
-    root = _repository_copy(tmp_path)
-    fakes["FAKE_FOUND"] = _ALL_OK
-    result = _bash("bash scripts/benchmark_allocators.sh 2 --iters 5", fakes, root)
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d", line)]
-    assert rows == [
-        f"| {r} | 0.4000 | 0.4200 | 0.3600 | 1.050 | 0.900 |" for r in (1, 2)
-    ], result.stdout
-    calls = [call for call in _log(fakes) if "benchmark_train" in call]
-    assert len(calls) == 6 and all(call.endswith("--iters 5") for call in calls)
-    assert "[shipped] - memory allocator: jemalloc" in result.stderr
-
-    fakes["FAKE_NO_JEMALLOC"] = "1"
-    result = _bash("bash scripts/benchmark_allocators.sh 1", fakes, root)
-    assert result.returncode == 1
-    assert "the jemalloc run needs jemalloc (apt install libjemalloc2" in result.stderr
-    result = _bash("bash scripts/benchmark_allocators.sh x", fakes, root)
-    assert result.returncode == 2 and "ROUNDS must be a positive integer, got 'x'" in result.stderr
 
 
 @pytest.fixture(scope="module")

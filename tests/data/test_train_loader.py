@@ -1,5 +1,5 @@
 """
-The resumable training loader (focus_detr.engine.data_loader): batch ``i`` depends only on the
+The resumable training loader (focus_detr.data.train_loader): batch ``i`` depends only on the
 run seed and ``i``, whatever the number of loader workers and wherever the run was resumed.
 """
 
@@ -13,7 +13,7 @@ import torch
 from detectron2.data import DatasetCatalog
 from helpers import tiny_train_config
 
-from focus_detr.engine.data_loader import (
+from focus_detr.data.train_loader import (
     SampleLoadError,
     SeededBatchDataset,
     TrainingBatchIndices,

@@ -1,0 +1,44 @@
+"""Building blocks of ``train_net.py`` that tools share: the model, its DDP wrapper, its weights."""
+
+import logging
+from typing import Optional
+
+import torch
+from detectron2.config import instantiate
+from detectron2.engine.defaults import create_ddp_model
+from omegaconf import OmegaConf
+
+from .checkpoint import SafeCheckpointer
+
+__all__ = ["build_model", "load_for_eval", "wrap_ddp"]
+
+logger = logging.getLogger("detectron2")
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """Instantiate ``cfg.model`` on ``cfg.train.device`` (falls back to CPU without CUDA)."""
+    model = instantiate(cfg.model)
+    device = cfg.train.device
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"train.device={device} but CUDA is not available: using the CPU")
+        device = "cpu"
+        cfg.train.device = device
+    return model.to(device)
+
+
+def wrap_ddp(model: torch.nn.Module, **ddp_kwargs) -> torch.nn.Module:
+    """``create_ddp_model`` that also works for CPU models (gloo): no ``device_ids`` there."""
+    if next(model.parameters()).device.type == "cpu":
+        ddp_kwargs["device_ids"] = None
+    return create_ddp_model(model, **ddp_kwargs)
+
+
+def load_for_eval(cfg, model: torch.nn.Module, checkpoint: Optional[str] = None) -> None:
+    """Load ``checkpoint`` (default ``cfg.train.init_checkpoint``); EMA weights when saved."""
+    path = checkpoint or cfg.train.init_checkpoint
+    if not path:
+        logger.warning("No checkpoint to evaluate (train.init_checkpoint is empty)")
+    extra = SafeCheckpointer(model).load(path)
+    if OmegaConf.select(cfg, "train.ema.enabled", default=False) and "ema" in extra:
+        model.load_state_dict(extra["ema"]["model"])
+        logger.info(f"Loaded the EMA weights of {path}")

@@ -4,6 +4,8 @@ import json
 import math
 from typing import Dict, List, Optional, Sequence
 
+from focus_detr.benchmark.report import markdown_table as _table
+
 from .models import MODEL_PARTS, OTHER_PART
 
 __all__ = ["format_markdown", "to_json", "write_json"]
@@ -15,11 +17,6 @@ def _number(value, digits: int = 2, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:.{digits}f}{suffix}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _parts_table(configs: Sequence[Dict], key: str, scale: float, digits: int) -> List[str]:

@@ -1,10 +1,9 @@
 # The README's main job: Focus-DETR trained from scratch on the built-in synthetic shapes dataset
 # on a 2-core CPU in minutes. The full Focus encoder (foreground token selector, cascade
 # sparsification, dual attention) and DINO decoder (two-stage queries, contrastive denoising), with
-# a narrow ResNet-10-style backbone (one basic block per stage: two cost ~12% more per step for
-# AP50 within about a point on this dataset), 128 channels, 4 heads, 3 + 3 layers, 100 queries,
-# 1000 steps of 8 images of long side 192, in bfloat16 autocast where the CPU runs it faster than
-# float32.
+# a narrow ResNet-10-style backbone (one basic block per stage), 128 channels, 4 heads, 3 + 3
+# layers, 100 queries, 1000 steps of 8 images of long side 192, precision chosen for the machine
+# (train.amp.enabled="auto").
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
@@ -66,7 +65,7 @@ train.ddp.broadcast_buffers = True
 train.seed = 0
 train.init_checkpoint = ""
 train.output_dir = "./output/demo_shapes"
-# bfloat16 autocast only where the model's own ops are measured faster (focus_detr.engine.precision)
+# bfloat16 autocast where the device runs it natively (focus_detr.engine.precision), else float32
 train.amp.enabled = "auto"
 train.max_iter = 1000
 train.eval_period = 1000

@@ -4,8 +4,9 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",
     max_iter=90000,
-    # True / False / "auto": on the CPU "auto" uses bfloat16 where it is measured faster; on CUDA
-    # True and "auto" use bfloat16 from compute capability 8.0, float16 + grad scaler before
+    # True / False / "auto": "auto" uses bfloat16 autocast where the device runs it natively (a CPU
+    # with bfloat16 instructions, within ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA; a GPU of compute
+    # capability 8.0 or newer), float16 + grad scaler on older GPUs with tensor cores
     amp=dict(enabled=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=100),

@@ -5,6 +5,7 @@ no other model, trace or allocator cache of the analysis is.
 """
 
 import functools
+import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -13,7 +14,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from focus_detr.benchmark.memory import measure_peak_mb, reset_peak_memory
+from focus_detr.benchmark.memory import measure_peak_mb, peak_memory_mb
 from focus_detr.benchmark.timer import SectionTimer, time_runs
 
 from .inputs import model_inputs
@@ -98,8 +99,8 @@ def _peak_in_this_process(config_file, weights, overrides, inputs, threads) -> f
 
 
 def cpu_peak_memory_supported() -> bool:
-    """Whether the peak RSS of a process can be reset here (Linux)."""
-    return reset_peak_memory()
+    """Whether the peak RSS of a process can be read and reset here (Linux)."""
+    return peak_memory_mb() is not None and os.access("/proc/self/clear_refs", os.W_OK)
 
 
 def measure_cpu_peak_memory(

@@ -1,5 +1,10 @@
 """The one timer, memory reader and machine description of focus_detr.benchmark."""
 
+import ctypes.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
@@ -144,3 +149,21 @@ def test_the_peak_restarts_from_the_current_memory_after_a_reset():
     assert memory.peak_memory_mb() - memory.resident_memory_mb() < 20
     # what a call adds at its peak, though it frees it before returning
     assert 150 < memory.measure_peak_mb(lambda: bytearray(200 << 20), "cpu") < 260
+
+
+@pytest.mark.skipif(
+    ctypes.util.find_library("jemalloc") is None or not os.path.exists("/proc/self/maps"),
+    reason="needs jemalloc and Linux /proc",
+)
+def test_a_preloaded_jemalloc_is_named_and_purged():
+    code = (
+        "from focus_detr.benchmark.machine import describe_machine\n"
+        "from focus_detr.benchmark.memory import release_free_memory\n"
+        "print(describe_machine()['allocator'], '|', release_free_memory())"
+    )
+    env = dict(os.environ, LD_PRELOAD=ctypes.util.find_library("jemalloc"))
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    allocator, _, released = result.stdout.strip().rpartition("\n")[2].partition(" | ")
+    assert allocator.startswith("jemalloc (") and released == "jemalloc purge", result.stdout

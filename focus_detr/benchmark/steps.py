@@ -51,9 +51,8 @@ def _trainer(cfg, model, optimizer, key: str, data) -> DETRTrainer:
     )
 
 
-def _timed(label, model, step, *, images, warmup, iters, timer, profiles) -> TimedRun:
-    device = next(model.parameters()).device
-    seconds = time_runs(step, warmup=warmup, iters=iters, device=device, sections=timer)
+def _timed(label, step, images, timer, *, warmup, iters, profiles) -> TimedRun:
+    seconds = time_runs(step, warmup=warmup, iters=iters, device=timer.device, sections=timer)
     totals = timer.totals()
     timer.remove()
     if profiles is not None:
@@ -87,7 +86,7 @@ def time_training(
     batches = list(itertools.islice(loader, warmup + iters))
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
-    runs, profiles = [], [] if profile else None
+    runs, timing = [], dict(warmup=warmup, iters=iters, profiles=[] if profile else None)
     for key in precisions:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
@@ -103,18 +102,7 @@ def time_training(
                 trainer.iter = storage.iter = trainer.iter + 1
 
             label = LABELS[key] + (", live loader" if with_loader else "")
-            runs.append(
-                _timed(
-                    label,
-                    model,
-                    step,
-                    images=len(batches[0]),
-                    warmup=warmup,
-                    iters=iters,
-                    timer=timer,
-                    profiles=profiles,
-                )
-            )
+            runs.append(_timed(label, step, len(batches[0]), timer, **timing))
     clip = cfg.train.clip_grad.max_norm if cfg.train.clip_grad.enabled else "off"
     source = "the live training loader" if with_loader else "fetched before timing"
     notes = {
@@ -125,7 +113,7 @@ def time_training(
         "timing": f"{warmup} warm-up + {iters} timed steps per precision, same batches and "
         "initial weights for each",
     }
-    return runs, notes, profiles or []
+    return runs, notes, timing["profiles"] or []
 
 
 def inference_inputs(cfg, size: Optional[Tuple[int, int]] = None) -> Tuple[List[dict], str]:
@@ -159,7 +147,7 @@ def time_inference(
         DetectionCheckpointer(model).load(weights)
     inputs, described = inference_inputs(cfg, size)
     device_type = next(model.parameters()).device.type
-    runs, profiles = [], [] if profile else None
+    runs, timing = [], dict(warmup=warmup, iters=iters, profiles=[] if profile else None)
     for key in precisions:
         dtype = PRECISIONS[key]
 
@@ -172,22 +160,10 @@ def time_inference(
             ):
                 model(inputs)
 
-        timer = SectionTimer(model)
-        runs.append(
-            _timed(
-                LABELS[key],
-                model,
-                forward,
-                images=1,
-                warmup=warmup,
-                iters=iters,
-                timer=timer,
-                profiles=profiles,
-            )
-        )
+        runs.append(_timed(LABELS[key], forward, 1, SectionTimer(model), **timing))
     notes = {
         "device": device_type,
         "input": f"{described}, batch 1, {f'weights {weights}' if weights else 'random weights'}",
         "timing": f"{warmup} warm-up + {iters} timed forwards per precision, eval, no_grad",
     }
-    return runs, notes, profiles or []
+    return runs, notes, timing["profiles"] or []

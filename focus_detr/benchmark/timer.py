@@ -88,7 +88,8 @@ class SectionTimer:
         optimizer: Optional[torch.optim.Optimizer] = None,
         trainer=None,
     ):
-        self._sync = synchronizer(next(model.parameters()).device)
+        self.device = next(model.parameters()).device
+        self._sync = synchronizer(self.device)
         self.times: Dict[str, List[float]] = defaultdict(list)
         self._stack: List[list] = []  # [name, start, seconds spent in timed children]
         self._mark: Optional[float] = None  # end of the last section of the step

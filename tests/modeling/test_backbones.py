@@ -129,9 +129,9 @@ def test_custom_backbone_plugs_in_through_config(backbone_levels, extra_levels):
     model.backbone = L(ToyBackbone)(num_levels=backbone_levels, width=8)
     model.in_features = [f"c{level + 3}" for level in range(backbone_levels)]
     model.num_extra_levels = extra_levels
-    model.encoder.num_levels = model.decoder.num_levels = num_levels
+    model.decoder.num_levels = num_levels  # the encoder follows
     model.encoder.foreground_ranges = None  # the default ranges, for any number of levels
-    shrink_transformer(model, num_levels=num_levels)
+    shrink_transformer(model)
     torch.manual_seed(0)
     detector = instantiate(model)
     assert detector.strides == [2 ** (level + 3) for level in range(num_levels)]

@@ -21,5 +21,3 @@ model.backbone = L(MViT)(
 )
 model.in_features = ["scale3", "scale4", "scale5"]
 model.num_extra_levels = 1
-model.encoder.num_levels = 4
-model.decoder.num_levels = 4

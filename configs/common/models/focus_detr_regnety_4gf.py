@@ -23,8 +23,6 @@ model.backbone = L(RegNet)(
 )
 model.in_features = ["s2", "s3", "s4"]
 model.num_extra_levels = 1
-model.encoder.num_levels = 4
-model.decoder.num_levels = 4
 
 # The pycls ImageNet weights expect BGR input normalized with the BGR ImageNet mean and std (as
 # detectron2's RegNet configs); the experiment file sets the data mappers to BGR to match.

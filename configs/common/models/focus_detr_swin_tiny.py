@@ -17,5 +17,3 @@ model.backbone = L(SwinTransformer)(
 )
 model.in_features = ["p1", "p2", "p3"]
 model.num_extra_levels = 1
-model.encoder.num_levels = 4
-model.decoder.num_levels = 4

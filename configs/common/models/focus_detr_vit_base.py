@@ -43,5 +43,3 @@ model.backbone = L(SimpleFeaturePyramid)(
 )
 model.in_features = ["p3", "p4", "p5"]
 model.num_extra_levels = 1
-model.encoder.num_levels = 4
-model.decoder.num_levels = 4

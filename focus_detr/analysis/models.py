@@ -112,7 +112,7 @@ def load_analyzed_configs(
     return configs
 
 
-def resolve_name(name: str, names: Sequence[str]) -> str:
+def resolve_name(name: str, names: Sequence[str], *, option: str = "--baseline") -> str:
     """
     ``name`` if it is one of ``names``, else the only name that starts with it (``dino`` for
     ``dino_r50_4scale_12ep``).
@@ -125,7 +125,7 @@ def resolve_name(name: str, names: Sequence[str]) -> str:
     matches = [candidate for candidate in names if candidate.startswith(name)]
     if len(matches) != 1:
         found = "none" if not matches else f"several: {matches}"
-        raise AnalysisError(f"--baseline {name!r} must name one config of {list(names)}; {found}")
+        raise AnalysisError(f"{option} {name!r} must name one config of {list(names)}; {found}")
     return matches[0]
 
 

@@ -1,12 +1,21 @@
-"""Input projection from a detectron2 backbone to the transformer's multi-scale feature maps."""
+"""Input projection from a detectron2 backbone to the transformer's multi-scale feature maps.
 
-from typing import Dict, List, Sequence
+A neck is any module that maps the backbone's outputs (a dict of (B, C_in, H, W) maps) to L maps
+(B, hidden_dim, h_l, w_l), finest first, and declares ``strides`` (L nominal strides) and
+``out_channels``. The meta-architecture takes it like the backbone; a config describes a neck
+whose input channels come from the backbone with :func:`neck_from_backbone`.
+"""
+
+import functools
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from detectron2.layers import ShapeSpec
 from torch import nn
 
-__all__ = ["MultiScaleNeck"]
+__all__ = ["MultiScaleNeck", "neck_from_backbone"]
+
+NeckBuilder = Callable[..., nn.Module]
 
 
 class MultiScaleNeck(nn.Module):
@@ -96,3 +105,24 @@ class MultiScaleNeck(nn.Module):
             previous = level(previous)
             outputs.append(previous)
         return outputs
+
+
+def neck_from_backbone(
+    *, neck_class: Callable[..., nn.Module] = MultiScaleNeck, **kwargs
+) -> NeckBuilder:
+    """
+    A neck to be built from the backbone's ``output_shape()``: the meta-architecture calls the
+    returned builder with ``input_shapes=backbone.output_shape()`` when it is constructed. A
+    LazyConfig thereby describes the neck without knowing the backbone's channels, e.g.
+    ``model.neck = L(neck_from_backbone)(in_features=["res3", "res4", "res5"],
+    out_channels="${..hidden_dim}", num_extra_levels=1)``.
+
+    Args:
+        neck_class: the neck's class (or any callable returning the neck module), called with
+            ``input_shapes`` and ``kwargs``.
+        kwargs: its other constructor arguments.
+
+    Returns:
+        ``builder(input_shapes=...) -> nn.Module``.
+    """
+    return functools.partial(neck_class, **kwargs)

@@ -92,7 +92,7 @@ def test_backbone_config_trains_and_infers(name):
 def test_full_size_config_levels_are_consistent(name):
     """The unshrunk configs: three backbone outputs at strides 8/16/32 + one level = 4."""
     model = load_model_config(name)
-    assert len(model.in_features) + model.num_extra_levels == 4
+    assert len(model.neck.in_features) + model.neck.num_extra_levels == 4
     assert model.encoder.num_levels == model.decoder.num_levels == 4
     assert model.hidden_dim == 256 and model.query_selection.num_queries == 900
     backbone = model.backbone
@@ -106,7 +106,7 @@ def test_full_size_config_levels_are_consistent(name):
         strides = [2 ** (i + 2) for i in backbone.out_indices]
     else:  # ResNet res3-5, RegNet s2-4, MViT scale3-5
         names, strides = list(backbone.out_features), [8, 16, 32]
-    assert names == list(model.in_features) and strides == [8, 16, 32]
+    assert names == list(model.neck.in_features) and strides == [8, 16, 32]
 
 
 @requires_timm
@@ -127,8 +127,8 @@ def test_custom_backbone_plugs_in_through_config(backbone_levels, extra_levels):
     num_levels = backbone_levels + extra_levels
     # the lines of docs/backbones.md
     model.backbone = L(ToyBackbone)(num_levels=backbone_levels, width=8)
-    model.in_features = [f"c{level + 3}" for level in range(backbone_levels)]
-    model.num_extra_levels = extra_levels
+    model.neck.in_features = [f"c{level + 3}" for level in range(backbone_levels)]
+    model.neck.num_extra_levels = extra_levels
     model.encoder.num_levels = model.decoder.num_levels = num_levels
     model.encoder.foreground_ranges = None  # the default ranges, for any number of levels
     shrink_transformer(model, num_levels=num_levels)
@@ -142,16 +142,16 @@ def test_custom_backbone_plugs_in_through_config(backbone_levels, extra_levels):
 def test_inconsistent_levels_name_the_numbers():
     model = shrink_transformer(load_model_config("focus_detr_r50.py"), num_levels=5)
     model.backbone = L(ToyBackbone)(num_levels=3)
-    model.in_features = ["c3", "c4", "c5"]
-    model.num_extra_levels = 1
+    model.neck.in_features = ["c3", "c4", "c5"]
+    model.neck.num_extra_levels = 1
     model.encoder.foreground_ranges = None
-    with pytest.raises(ValueError, match=r"encoder\.num_levels=5 .* give 4 levels"):
+    with pytest.raises(ValueError, match=r"encoder\.num_levels=5 .* gives 4 levels"):
         instantiate(model)
 
 
 def test_unknown_feature_names_are_reported():
     model = shrink_transformer(load_model_config("focus_detr_swin_tiny.py"))
     tiny_swin(model.backbone)
-    model.in_features = ["res3", "res4", "res5"]
+    model.neck.in_features = ["res3", "res4", "res5"]
     with pytest.raises(ValueError, match=r"'res3'.*available: \['p1', 'p2', 'p3'\]"):
         instantiate(model)

@@ -21,8 +21,8 @@ model.backbone = L(RegNet)(
     norm="FrozenBN",
     out_features=["s2", "s3", "s4"],
 )
-model.in_features = ["s2", "s3", "s4"]
-model.num_extra_levels = 1
+model.neck.in_features = ["s2", "s3", "s4"]
+model.neck.num_extra_levels = 1
 model.encoder.num_levels = 4
 model.decoder.num_levels = 4
 

@@ -110,7 +110,7 @@ def select_detections(
     selected = torch.gather(boxes, 1, query_indices[..., None].expand(-1, -1, 4))
     selected = box_convert(selected, "cxcywh", "xyxy")
     sizes = image_sizes_tensor(image_sizes, boxes.device).to(selected.dtype)
-    scale = sizes[:, [1, 0, 1, 0]]  # (B, 4) w, h, w, h
+    scale = sizes.flip(-1).repeat(1, 2)  # (B, 4) w, h, w, h (no list index: a host copy)
     return selected * scale[:, None, :], scores, labels
 
 

@@ -5,7 +5,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone, detector_postprocess
 from detectron2.structures import ImageList
 from torch import nn
@@ -14,6 +13,7 @@ from .criterion import set_outputs
 from .detection_targets import instances_to_targets, predictions_to_instances
 from .encoders.base import DETREncoder, EncoderLossInputs
 from .multi_scale import flatten_levels, level_padding_masks
+from .neck import resolve_neck
 from .position_encoding import PositionEmbeddingSine
 from .structures import DecoderOutput, EncoderOutput, FlattenedFeatures
 from .weight_init import TRANSFORMER_INITS, migrate_state_dict, reference_transformer_init
@@ -123,7 +123,9 @@ class TwoStageDETR(nn.Module):
                 f"transformer_init must be one of {TRANSFORMER_INITS}, got {transformer_init!r}"
             )
         self.backbone = backbone
-        self.neck, self._strides, self._in_features = _neck_levels(neck, backbone, hidden_dim)
+        self.neck, self._strides, self._in_features = resolve_neck(
+            neck, backbone.output_shape(), hidden_dim
+        )
         _check_parts(self._strides, hidden_dim, encoder, decoder)
         available = query_selection.shared_heads()
         missing = [name for name in encoder.shared_heads if name not in available]
@@ -373,44 +375,6 @@ def _split_denoising(
         ),
     )
     return matching, dn_outputs
-
-
-def _neck_levels(
-    neck: Union[nn.Module, Callable[..., nn.Module], None], backbone: Backbone, hidden_dim: int
-) -> Tuple[Optional[nn.Module], List[int], List[str]]:
-    """
-    ``(neck module or None, strides of the levels, backbone outputs fed to the encoder without a
-    neck)``; a builder is called with the backbone's output shapes. ValueError / TypeError
-    naming the values when the neck or the backbone's features do not fit ``hidden_dim``.
-    """
-    shapes: Dict[str, ShapeSpec] = backbone.output_shape()
-    if neck is None:
-        names = sorted(shapes, key=lambda name: shapes[name].stride or 0)
-        channels = {name: shapes[name].channels for name in names}
-        if not names or any(shapes[name].stride is None for name in names):
-            raise ValueError(f"the backbone's outputs need strides, got {shapes}")
-        if any(count != hidden_dim for count in channels.values()):
-            raise ValueError(
-                f"without a neck the backbone's outputs go straight to the encoder and need "
-                f"hidden_dim={hidden_dim} channels, got {channels}: give the model a neck "
-                "(e.g. neck_from_backbone(...)) or a backbone with those channels"
-            )
-        return None, [int(shapes[name].stride) for name in names], names
-    if not isinstance(neck, nn.Module):
-        if not callable(neck):
-            raise TypeError(f"neck must be a module, a builder or None, got {neck!r}")
-        neck = neck(input_shapes=shapes)
-        if not isinstance(neck, nn.Module):
-            raise TypeError(f"the neck builder returned {type(neck).__name__}, not a module")
-    for attribute in ("strides", "out_channels"):
-        if not hasattr(neck, attribute):
-            raise TypeError(f"the neck {type(neck).__name__} has no `{attribute}` attribute")
-    if neck.out_channels != hidden_dim:
-        raise ValueError(
-            f"the neck {type(neck).__name__} has out_channels={neck.out_channels} but "
-            f"hidden_dim={hidden_dim}"
-        )
-    return neck, [int(stride) for stride in neck.strides], []
 
 
 def _check_parts(

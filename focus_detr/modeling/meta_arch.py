@@ -45,12 +45,11 @@ class TwoStageDETR(nn.Module):
     """
     A two-stage DETR as a detectron2 meta-architecture (DINO's recipe with any encoder). Any
     detectron2 ``Backbone`` feeds a neck (e.g. ``MultiScaleNeck``, built from the backbone's
-    ``output_shape()``), or the encoder directly; the flattened multi-scale tokens go through an
-    encoder (dense DINO, Focus, Sparse DETR, Lite DETR: any
-    :class:`DETREncoder`); two-stage query selection and contrastive denoising feed a DINO
-    decoder. Training returns the weighted losses of the decoder, the two-stage selection, the
-    denoising queries and whatever the encoder adds; inference returns
-    ``[{"instances": Instances}]``.
+    ``output_shape()``) or the encoder directly; the flattened multi-scale tokens go through an
+    encoder (dense DINO, Focus, Sparse DETR, Lite DETR: any :class:`DETREncoder`); two-stage
+    query selection and contrastive denoising feed a DINO decoder. Training returns the weighted
+    losses of the decoder, the two-stage selection, the denoising queries and whatever the
+    encoder adds; inference returns ``[{"instances": Instances}]``.
 
     Focus-DETR is this class with a ``FocusEncoder`` (``FocusDETR`` is an alias).
     """

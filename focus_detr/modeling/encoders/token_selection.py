@@ -47,7 +47,7 @@ def compute_token_budgets(
     Returns:
         ``(layer_sizes, budgets)``: k_l per layer, and b_il as ``budgets[l][i]``, Python ints.
     """
-    # float64 products, as torch computed them on int64 counts cast to double
+    # Python floats are float64: the products round exactly as float64 tensor arithmetic
     focus = [min(math.floor(int(count) * keep_ratio) + 1, int(count)) for count in valid_counts]
     max_focus = max(max(focus, default=1), 1)
     layer_sizes = [max(1, int(factor * max_focus)) for factor in layer_keep_factors]

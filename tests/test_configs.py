@@ -113,7 +113,7 @@ def test_config_loads_with_every_section(name):
     assert {"train", "test", "evaluator"} <= set(cfg.dataloader)
     assert cfg.train.clip_grad.enabled and cfg.train.clip_grad.max_norm == 0.1
     # encoder, decoder and neck agree on the number of levels
-    levels = len(cfg.model.in_features) + cfg.model.num_extra_levels
+    levels = len(cfg.model.neck.in_features) + cfg.model.neck.num_extra_levels
     assert cfg.model.encoder.num_levels == cfg.model.decoder.num_levels == levels
     # the level count is set once: the encoder follows the decoder's
     cfg.model.decoder.num_levels = levels + 1

@@ -1,6 +1,5 @@
 """The configs an analysis compares: loading, naming, weights and the model parts counted."""
 
-import inspect
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -11,6 +10,7 @@ from detectron2.utils.registry import locate
 from omegaconf import OmegaConf
 
 from focus_detr.engine import load_for_eval
+from focus_detr.modeling import DETREncoder
 
 __all__ = [
     "MODEL_PARTS",
@@ -147,9 +147,9 @@ def encoder_class(cfg) -> type:
 
 
 def has_keep_ratio(cls: type) -> bool:
-    """Whether encoders of class ``cls`` have a ``keep_ratio`` property (settable after
-    training)."""
-    return isinstance(inspect.getattr_static(cls, "keep_ratio", None), property)
+    """Whether encoders of class ``cls`` have a ``keep_ratio`` that may be changed after
+    training, as the encoder interface declares it (``DETREncoder.has_keep_ratio``)."""
+    return issubclass(cls, DETREncoder) and cls.has_keep_ratio
 
 
 def encoder_keep_ratio(model: torch.nn.Module) -> Optional[float]:

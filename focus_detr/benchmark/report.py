@@ -33,8 +33,11 @@ class TimedRun:
         return statistics.median(self.seconds)
 
     def section_ms(self) -> Dict[str, float]:
-        """Mean milliseconds per iteration of every section, the rest, and the whole step."""
+        """Mean milliseconds per iteration of every section, the rest, and the whole step (only
+        the whole step for a run timed without sections)."""
         mean = statistics.fmean(self.seconds)
+        if not self.sections:  # not split (a compiled model: hooks would split its graph)
+            return {STEP: 1000 * mean}
         count = len(self.seconds)
         means = {name: value / count for name, value in self.sections.items()}
         means[OTHER] = max(mean - sum(means.values()), 0.0)
@@ -65,7 +68,11 @@ def format_runs(title: str, machine: Dict[str, str], notes: Dict[str, str], runs
     lines += ["", "## Time per iteration", ""] + markdown_table(header, rows)
     if any(run.sections for run in runs):
         means = [run.section_ms() for run in runs]
-        rows = [[name] + [f"{mean[name]:.1f}" for mean in means] for name in means[0]]
+        names = max(means, key=len)
+        rows = [
+            [name] + [f"{mean[name]:.1f}" if name in mean else "-" for mean in means]
+            for name in names
+        ]
         lines += ["", "## Breakdown (mean ms per iteration)", ""]
         lines += markdown_table(["section"] + [run.label for run in runs], rows)
     return "\n".join(lines) + "\n"

@@ -139,15 +139,22 @@ def time_inference(
     warmup: int,
     iters: int,
     profile: bool = False,
+    compile_backend: Optional[str] = None,
 ) -> Tuple[List[TimedRun], Dict[str, str], Profiles]:
-    """Time the model's inference (eval, no_grad, batch 1) on :func:`inference_inputs` in every
-    precision; returns as :func:`time_training`."""
+    """
+    Time the model's inference (eval, no_grad, batch 1) on :func:`inference_inputs` in every
+    precision; returns as :func:`time_training`. With ``compile_backend`` (e.g. "inductor") each
+    precision is also timed with ``torch.compile(model, backend=compile_backend)`` right after
+    the eager run; the first compiled call, which compiles, is timed on its own and reported in
+    the notes, not among the timed calls.
+    """
     model = build_model_on_device(cfg).eval()
     if weights:
         DetectionCheckpointer(model).load(weights)
     inputs, described = inference_inputs(cfg, size)
     device_type = next(model.parameters()).device.type
     runs, timing = [], dict(warmup=warmup, iters=iters, profiles=[] if profile else None)
+    compile_seconds: Dict[str, float] = {}
     for key in precisions:
         dtype = PRECISIONS[key]
 
@@ -161,9 +168,36 @@ def time_inference(
                 model(inputs)
 
         runs.append(_timed(LABELS[key], forward, 1, SectionTimer(model), **timing))
+        if compile_backend is not None:
+            run, seconds = _compiled_run(model, inputs, dtype, compile_backend, LABELS[key], timing)
+            runs.append(run)
+            compile_seconds[run.label] = seconds
     notes = {
         "device": device_type,
         "input": f"{described}, batch 1, {f'weights {weights}' if weights else 'random weights'}",
         "timing": f"{warmup} warm-up + {iters} timed forwards per precision, eval, no_grad",
     }
+    for label, seconds in compile_seconds.items():
+        notes[f"first call of {label} (compiles)"] = f"{seconds:.2f} s"
     return runs, notes, timing["profiles"] or []
+
+
+def _compiled_run(model, inputs, dtype, backend: str, label: str, timing) -> Tuple[TimedRun, float]:
+    """The compiled model timed like the eager one (no per-module sections: hooks would split
+    the graph), and the seconds of its first call."""
+    compiled = torch.compile(model, backend=backend)
+    device = next(model.parameters()).device
+
+    def forward() -> None:
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
+        ):
+            compiled(inputs)
+
+    first = time_runs(forward, warmup=0, iters=1, device=device)[0]
+    seconds = time_runs(forward, warmup=timing["warmup"], iters=timing["iters"], device=device)
+    label = f"{label}, torch.compile ({backend})"
+    if timing["profiles"] is not None:
+        timing["profiles"].append((label, profile_table(forward)))
+    return TimedRun(label, 1, seconds), first

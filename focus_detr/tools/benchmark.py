@@ -4,14 +4,15 @@
         [--iters 5] [--warmup 2] [--with-loader] [--threads T] [--profile] [--output FILE.md]
         [KEY=VALUE ...]
     python -m focus_detr.tools.benchmark inference --config-file CFG (--size H W | --val-image)
-        [--weights W.pth] [same options]
+        [--weights W.pth] [--compile [BACKEND]] [same options]
     python -m focus_detr.tools.benchmark msda [--device cpu|cuda] [--iters 5] [--warmup 1]
     python -m focus_detr.tools.benchmark soak [--config-file CFG] [--iters 2000]
         [--report-every 50] [--warmup N] [--max-side 400] [--repeat N] [--release] [KEY=VALUE ...]
 
 train: DETRTrainer.run_step in every --precision side by side (same batches and initial
 weights; the ratio column compares each with the first), split by module and training phase.
-inference: eval, no_grad, batch 1. msda: the op on the encoder problem of an 800x1333 image,
+inference: eval, no_grad, batch 1; --compile adds torch.compile(model) beside each eager run.
+msda: the op on the encoder problem of an 800x1333 image,
 compiled kernel against the grid_sample reference (and torch-ms-deform-attn when installed).
 soak: memory of many training steps on random sizes, empty and crowded images; exit status 1
 when the resident memory grows more than --max-slope MiB per 1000 steps after warm-up. Every
@@ -80,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--size", type=_at_least(1), nargs=2, metavar=("H", "W"))
     source.add_argument("--val-image", action="store_true", help="first test-loader image")
     inference.add_argument("--weights", help="checkpoint to load (default: random weights)")
+    inference.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="also time torch.compile(model) after each eager run (backend: inductor, or e.g. "
+        "aot_eager); the compiling first call is reported separately",
+    )
     msda = modes.add_parser("msda", help="the deformable-attention op")
     _common(msda, iters=5, warmup=1)
     msda.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default cpu)")
@@ -154,7 +163,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs, notes, profiles = time_training(cfg, with_loader=args.with_loader, **timing)
     else:
         size = tuple(args.size) if args.size else None
-        runs, notes, profiles = time_inference(cfg, size=size, weights=args.weights, **timing)
+        runs, notes, profiles = time_inference(
+            cfg, size=size, weights=args.weights, compile_backend=args.compile, **timing
+        )
     notes = {"config": " ".join([args.config_file] + args.opts), **notes}
     kind = "Training-step" if args.mode == "train" else "Inference"
     device = torch.device(notes["device"])

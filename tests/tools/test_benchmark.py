@@ -114,6 +114,21 @@ def test_inference_on_the_first_val_image(tiny_config_file, capsys):
     assert [row["run"] for row in tables["Time per iteration"]] == ["bfloat16 autocast"]
 
 
+@pytest.mark.slow
+def test_inference_eager_against_compiled(tiny_config_file, capsys):
+    argv = ["inference", "--config-file", tiny_config_file.path, "--iters", "1", "--warmup", "1"]
+    report = _run(
+        capsys, *argv, "--size", "48", "64", "--precision", "fp32", "--compile", "aot_eager"
+    )
+    fields, tables = _parse(report)
+    labels = [row["run"] for row in tables["Time per iteration"]]
+    assert labels == ["float32", "float32, torch.compile (aot_eager)"]
+    assert float(fields["first call of float32, torch.compile (aot_eager) (compiles)"][:-2]) > 0
+    breakdown = {row["section"]: row for row in tables["Breakdown (mean ms per iteration)"]}
+    assert breakdown["encoder"]["float32, torch.compile (aot_eager)"] == "-"
+    assert float(breakdown["total"]["float32, torch.compile (aot_eager)"]) > 0
+
+
 def test_msda_on_tiny_levels(monkeypatch, capsys):
     monkeypatch.setattr(msda, "LEVELS", ((5, 7), (3, 4)))
     report = _run(capsys, "msda", "--iters", "1", "--warmup", "0", "--profile")

@@ -10,7 +10,7 @@ model.encoder = L(DenseEncoder)(
     embed_dim="${..hidden_dim}",
     num_layers=3,
     num_heads=4,
-    num_levels=4,
+    num_levels="${..decoder.num_levels}",
     num_points=4,
     ffn_dim=256,
 )

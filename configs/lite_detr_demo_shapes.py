@@ -10,7 +10,7 @@ from .focus_detr_demo_shapes import dataloader, lr_multiplier, model, optimizer,
 model.encoder = L(LiteEncoder)(
     embed_dim="${..hidden_dim}",
     num_heads=4,
-    num_levels=4,
+    num_levels="${..decoder.num_levels}",
     num_points=4,
     ffn_dim=256,
     low_ffn_dim=128,

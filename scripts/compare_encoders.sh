@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The encoder comparison on the built-in dataset (README, "Encoders compared"): trains the four
-# demo-size encoders (dense DINO, Sparse DETR, Lite DETR, Focus) with the demo's schedule on one
-# decoder, then measures them with the analysis tool: AP, AP50, GFLOPs, latency, tokens updated
-# per layer, token quality, and the keep-ratio sweep of Focus and Sparse DETR (AP against GFLOPs).
+# The encoder comparison on the built-in dataset (docs/benchmarks.md, "Encoders compared"):
+# trains the four demo-size encoders (dense DINO, Sparse DETR, Lite DETR, Focus) with the demo's
+# schedule on one decoder, then measures them with the analysis tool: AP, AP50, GFLOPs, latency,
+# tokens updated per layer, token quality, and the keep-ratio sweep of Focus and Sparse DETR (AP
+# against GFLOPs).
 #     bash scripts/compare_encoders.sh [OUTPUT_DIR] [config overrides for training]
 # A model already trained in OUTPUT_DIR (its model_final.pth exists) is reused, not retrained.
 # Every encoder trains in float32 (train.amp.enabled=False) so that the four runs compute alike on
-# any CPU; "auto" could pick bfloat16 for one encoder and not for another. Override it after
-# OUTPUT_DIR like any config value.
+# any CPU ("auto" picks bfloat16 where the CPU has it). Override it after OUTPUT_DIR like any
+# config value.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=setup_env.sh

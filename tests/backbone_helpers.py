@@ -19,12 +19,14 @@ requires_timm = pytest.mark.skipif(
 )
 
 
-def shrink_transformer(model, num_levels: int = 4):
-    """The tiny transformer of tests/helpers.py (the backbone kept as it is), ``num_levels``."""
+def shrink_transformer(model, num_levels: Optional[int] = None):
+    """The tiny transformer of tests/helpers.py (the backbone kept as it is); ``num_levels``
+    given: the encoder's and decoder's level count."""
     backbone = copy.deepcopy(model.backbone)
     shrink_model_config(model, hidden_dim=HIDDEN)
     model.backbone = backbone
-    model.encoder.num_levels = model.decoder.num_levels = num_levels
+    if num_levels is not None:
+        model.encoder.num_levels = model.decoder.num_levels = num_levels
     return model
 
 

@@ -48,7 +48,7 @@ def shrink_model_config(model, *, num_classes: Optional[int] = 3, hidden_dim: in
     if num_classes is not None:
         model.num_classes = num_classes
     model.hidden_dim = hidden_dim
-    model.neck_num_groups = 8
+    model.neck.num_groups = 8
     model.num_select = 10
     encoder = model.encoder
     encoder.num_heads = 4
@@ -134,7 +134,15 @@ def make_features(
     embedding = PositionEmbeddingSine(num_pos_feats=channels // 2)
     positions = [embedding(mask, dtype) for mask in masks]
     level_embed = torch.randn(len(level_shapes), channels, generator=generator, dtype=dtype)
-    return flatten_levels(maps, masks, positions, level_embed, strides=strides, padded_size=padded)
+    return flatten_levels(
+        maps,
+        masks,
+        positions,
+        level_embed,
+        strides=strides,
+        padded_size=padded,
+        image_sizes=image_sizes,
+    )
 
 
 def make_instances(

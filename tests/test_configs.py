@@ -85,6 +85,21 @@ def test_encoder_variants_change_one_value(variant, parent, key, value):
     assert LazyConfig.to_py(child) == LazyConfig.to_py(base)
 
 
+@pytest.mark.parametrize("name", [n for n in COCO_CONFIGS if re.search(r"_(24|36)ep\.py$", n)])
+def test_longer_schedules_are_the_12_epoch_config_with_another_schedule(name):
+    twelve = re.sub(r"_\d+ep\.py$", "_12ep.py", name)
+    assert f"from .{twelve[:-3]} import" in (CONFIG_DIR / name).read_text(), "not inherited"
+    longer, base = _load(name), _load(twelve)
+    epochs = int(re.search(r"_(\d+)ep\.py$", name).group(1))
+    assert longer.train.max_iter == epochs / 12 * base.train.max_iter
+    assert longer.lr_multiplier.scheduler.milestones[-1] == longer.train.max_iter
+    for cfg in (longer, base):
+        cfg.pop("lr_multiplier")
+        cfg.train.pop("max_iter")
+        cfg.train.output_dir = "./output"
+    assert LazyConfig.to_py(longer) == LazyConfig.to_py(base)
+
+
 def test_all_expected_configs_are_found():
     expected = {f"focus_detr_{d}_4scale_{e}ep.py" for d in ("r50", "r101") for e in (12, 24, 36)}
     assert expected <= set(CONFIG_FILES)
@@ -98,8 +113,11 @@ def test_config_loads_with_every_section(name):
     assert {"train", "test", "evaluator"} <= set(cfg.dataloader)
     assert cfg.train.clip_grad.enabled and cfg.train.clip_grad.max_norm == 0.1
     # encoder, decoder and neck agree on the number of levels
-    levels = len(cfg.model.in_features) + cfg.model.num_extra_levels
+    levels = len(cfg.model.neck.in_features) + cfg.model.neck.num_extra_levels
     assert cfg.model.encoder.num_levels == cfg.model.decoder.num_levels == levels
+    # the level count is set once: the encoder follows the decoder's
+    cfg.model.decoder.num_levels = levels + 1
+    assert cfg.model.encoder.num_levels == levels + 1
 
 
 @pytest.mark.parametrize("name", COCO_CONFIGS)

@@ -18,7 +18,7 @@ from .ms_deform_attn import (
     init_sampling_offsets,
     multi_scale_deformable_attention,
 )
-from .ms_deform_attn_checks import check_module_inputs, check_module_sizes
+from .ms_deform_attn_checks import LevelShapes, check_module_inputs, check_module_sizes
 from .ms_deform_attn_reference import multi_scale_bilinear_sample
 
 __all__ = ["KeyAwareDeformableAttention", "key_aware_deformable_attention"]
@@ -31,6 +31,8 @@ def key_aware_deformable_attention(
     spatial_shapes: torch.Tensor,
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
+    *,
+    level_shapes: Optional[LevelShapes] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Deformable attention whose weights are the softmax, over the L * P samples of a head, of
@@ -44,6 +46,8 @@ def key_aware_deformable_attention(
         level_start_index: (L,) integer offset of each level in ``key`` and ``value``.
         sampling_locations: (B, Nq, H, L, P, 2) normalized (x, y); samples outside their level
             read zero keys and values (their logit is 0).
+        level_shapes: the contents of ``spatial_shapes`` as Python ints, from a caller that
+            made the tensors from them: they are then not read back.
 
     Returns:
         (output (B, Nq, H * D), attention_weights (B, Nq, H, L, P)).
@@ -58,13 +62,18 @@ def key_aware_deformable_attention(
         raise ValueError(f"key {tuple(key.shape)} and query {tuple(query.shape)} differ in D")
     _, _, _, num_levels, num_points, _ = sampling_locations.shape
     # (B, Nq, H, L, P, D) -> (B, Nq, H, D, L * P)
-    keys = multi_scale_bilinear_sample(key, spatial_shapes, sampling_locations)
+    keys = multi_scale_bilinear_sample(key, spatial_shapes, sampling_locations, level_shapes)
     keys = keys.flatten(3, 4).transpose(-1, -2)
     # (B, Nq, H, 1, D) @ (B, Nq, H, D, L * P) -> (B, Nq, H, 1, L * P)
     logits = torch.matmul(query.unsqueeze(-2), keys).squeeze(-2) / math.sqrt(head_dim)
     weights = logits.softmax(-1).view(batch, num_queries, num_heads, num_levels, num_points)
     output = multi_scale_deformable_attention(
-        value, spatial_shapes, level_start_index, sampling_locations, weights
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        weights,
+        level_shapes=level_shapes,
     )
     return output, weights
 
@@ -127,6 +136,8 @@ class KeyAwareDeformableAttention(nn.Module):
         level_start_index: torch.Tensor,
         value_padding_mask: Optional[torch.Tensor] = None,
         return_sampling: bool = False,
+        *,
+        level_shapes: Optional[LevelShapes] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """
         Args:
@@ -140,6 +151,8 @@ class KeyAwareDeformableAttention(nn.Module):
             value_padding_mask: (B, Nv) bool, True where ``value`` is padding (keys and values
                 zeroed).
             return_sampling: also return the sampling locations and attention weights.
+            level_shapes: the contents of ``spatial_shapes`` as Python ints, from a caller that
+                made the tensors from them: they are then not read back.
 
         Returns:
             (B, Nq, C) attention output; with ``return_sampling``, the tuple (output,
@@ -167,6 +180,7 @@ class KeyAwareDeformableAttention(nn.Module):
             spatial_shapes,
             level_start_index,
             locations,
+            level_shapes=level_shapes,
         )
         output = self.output_proj(output)
         if return_sampling:

@@ -21,7 +21,12 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .ms_deform_attn_checks import check_inputs, check_module_inputs, check_module_sizes
+from .ms_deform_attn_checks import (
+    LevelShapes,
+    check_inputs,
+    check_module_inputs,
+    check_module_sizes,
+)
 from .ms_deform_attn_op import FORWARD_OP
 from .ms_deform_attn_reference import multi_scale_deformable_attention_reference
 
@@ -79,6 +84,8 @@ def multi_scale_deformable_attention(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    *,
+    level_shapes: Optional[LevelShapes] = None,
 ) -> torch.Tensor:
     """
     Bilinear sampling with zero padding (``align_corners=False``) of every level, weighted sum.
@@ -93,6 +100,11 @@ def multi_scale_deformable_attention(
             a NaN or infinite location contributes nothing.
         attention_weights: (B, Nq, H, L, P) weights of the samples; a NaN or infinite weight of
             a sample inside its level makes the output of its query and head NaN.
+        level_shapes: the (h, w) of every level as Python ints, given by a caller that made
+            ``spatial_shapes`` and ``level_start_index`` from them (as ``FlattenedFeatures``
+            does): the level sizes are then checked against ``value`` on these ints and the
+            tensors are not read back (no synchronisation with the device). Without them the
+            tensors' contents are read and checked in eager mode.
 
     Float16 / bfloat16 inputs are computed in float32 (also under ``torch.autocast``); the
     result has the promoted dtype of value, locations and weights. Non-contiguous inputs are
@@ -104,7 +116,14 @@ def multi_scale_deformable_attention(
     Raises:
         ValueError: inconsistent shapes, dtypes or devices (see :func:`check_inputs`).
     """
-    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_inputs(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        level_shapes,
+    )
     output_dtype = torch.promote_types(
         torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
     )
@@ -116,10 +135,19 @@ def multi_scale_deformable_attention(
     attention_weights = attention_weights.to(compute_dtype).contiguous()
     spatial_shapes = spatial_shapes.to(torch.int64).contiguous()
     level_start_index = level_start_index.to(torch.int64).contiguous()
-    function = multi_scale_deformable_attention_reference if _backend == "reference" else FORWARD_OP
-    output = function(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    if _backend == "reference":
+        output = multi_scale_deformable_attention_reference(
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            level_shapes,
+        )
+    else:
+        output = FORWARD_OP(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     return output.to(output_dtype)
 
 
@@ -228,6 +256,8 @@ class MultiScaleDeformableAttention(nn.Module):
         level_start_index: torch.Tensor,
         value_padding_mask: Optional[torch.Tensor] = None,
         return_sampling: bool = False,
+        *,
+        level_shapes: Optional[LevelShapes] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """
         Args:
@@ -239,6 +269,9 @@ class MultiScaleDeformableAttention(nn.Module):
             level_start_index: (L,) int64 offset of every level in ``value``.
             value_padding_mask: (B, Nv) bool, True where ``value`` is padding (zeroed).
             return_sampling: also return the sampling locations and attention weights.
+            level_shapes: the contents of ``spatial_shapes`` as Python ints, from a caller that
+                made the tensors from them: they are then not read back (see
+                :func:`multi_scale_deformable_attention`).
 
         Returns:
             (B, Nq, C) attention output; with ``return_sampling``, the tuple (output,
@@ -264,7 +297,7 @@ class MultiScaleDeformableAttention(nn.Module):
         )
         locations = deformable_sampling_locations(reference_points, offsets, spatial_shapes)
         output = multi_scale_deformable_attention(
-            value, spatial_shapes, level_start_index, locations, weights
+            value, spatial_shapes, level_start_index, locations, weights, level_shapes=level_shapes
         )
         output = self.output_proj(output)
         if return_sampling:

@@ -1,11 +1,15 @@
 """Validation of the inputs of multi-scale deformable attention, with messages naming values."""
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["check_inputs", "check_module_inputs", "check_module_sizes"]
+__all__ = ["LevelShapes", "check_inputs", "check_module_inputs", "check_module_sizes"]
+
+# The (height, width) of every level as Python ints, given by callers that made
+# ``spatial_shapes`` and ``level_start_index`` from them (``FlattenedFeatures`` does).
+LevelShapes = Sequence[Tuple[int, int]]
 
 
 def _can_read_values(*tensors: torch.Tensor) -> bool:
@@ -21,14 +25,17 @@ def check_inputs(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    level_shapes: Optional[LevelShapes] = None,
 ) -> None:
     """
     Checks the arguments of :func:`multi_scale_deformable_attention` (same shapes).
 
-    Ranks, sizes, dtypes and devices are checked, except under ``torch.jit.trace``. The
-    contents of ``spatial_shapes`` and ``level_start_index`` (positive sizes, sum(h * w) == Nv,
-    exclusive cumulative sum) are checked in eager mode only: reading them is a synchronisation
-    on CUDA and impossible while tracing.
+    Ranks, sizes, dtypes and devices are checked, except under ``torch.jit.trace``. The level
+    geometry is checked on Python ints when the caller gives ``level_shapes`` (it vouches that
+    ``spatial_shapes`` and ``level_start_index`` hold them): positive sizes, sum(h * w) == Nv,
+    no tensor read. Without them, the contents of ``spatial_shapes`` and ``level_start_index``
+    are read and checked (positive sizes, sum(h * w) == Nv, exclusive cumulative sum) in eager
+    mode only: a read is a synchronisation on CUDA and impossible while tracing.
 
     Raises:
         ValueError: with the offending shapes, dtypes, devices or values.
@@ -48,7 +55,6 @@ def check_inputs(
             "attention_weights must be (B, Nq, H, L, P), got shape "
             f"{tuple(attention_weights.shape)}"
         )
-    num_values = value.shape[1]
     num_levels = sampling_locations.shape[3]
     shapes = {
         "value": tuple(value.shape),
@@ -100,17 +106,18 @@ def check_inputs(
     if any(device != value.device for device in devices.values()):
         described = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"All inputs must be on one device, got {described}")
+    if level_shapes is not None:
+        if len(level_shapes) != num_levels:
+            raise ValueError(
+                f"level_shapes {list(level_shapes)} must hold {num_levels} levels (the L of "
+                f"sampling_locations {tuple(sampling_locations.shape)})"
+            )
+        _check_level_sizes(list(level_shapes), value)
+        return
     if not _can_read_values(spatial_shapes, level_start_index):
         return
     shape_list = spatial_shapes.tolist()
-    if any(h <= 0 or w <= 0 for h, w in shape_list):
-        raise ValueError(f"spatial_shapes must be positive, got {shape_list}")
-    total = sum(h * w for h, w in shape_list)
-    if total != num_values:
-        raise ValueError(
-            f"spatial_shapes {shape_list} hold sum(h * w) = {total} values but value has "
-            f"Nv = {num_values} (shape {tuple(value.shape)})"
-        )
+    _check_level_sizes(shape_list, value)
     expected_starts = [0]
     for h, w in shape_list[:-1]:
         expected_starts.append(expected_starts[-1] + h * w)
@@ -119,6 +126,17 @@ def check_inputs(
         raise ValueError(
             f"level_start_index {starts} is inconsistent with spatial_shapes {shape_list}: "
             f"expected {expected_starts}"
+        )
+
+
+def _check_level_sizes(shape_list: List[Tuple[int, int]], value: torch.Tensor) -> None:
+    if any(h <= 0 or w <= 0 for h, w in shape_list):
+        raise ValueError(f"spatial_shapes must be positive, got {shape_list}")
+    total = sum(h * w for h, w in shape_list)
+    if total != value.shape[1]:
+        raise ValueError(
+            f"spatial_shapes {shape_list} hold sum(h * w) = {total} values but value has "
+            f"Nv = {value.shape[1]} (shape {tuple(value.shape)})"
         )
 
 

@@ -16,7 +16,7 @@ by its attention weight. Two rules make non-finite inputs well defined:
   derivative of the output with respect to it (the sample's values times ``grad_output``).
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +94,20 @@ def _sample(value: torch.Tensor, shapes, sampling_locations: torch.Tensor) -> to
     return torch.stack(sampled, dim=-2).flatten(-2)
 
 
-def _shapes(spatial_shapes: torch.Tensor) -> List[Tuple[int, int]]:
+def _shapes(
+    spatial_shapes: torch.Tensor, level_shapes: Optional[Sequence[Tuple[int, int]]] = None
+) -> List[Tuple[int, int]]:
+    """The level shapes as Python ints: ``level_shapes`` when given, else read from the tensor."""
+    if level_shapes is not None:
+        return [(int(h), int(w)) for h, w in level_shapes]
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
 
 
 def multi_scale_bilinear_sample(
-    value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> torch.Tensor:
     """
     The samples themselves, before any weighting (differentiable, any device).
@@ -108,6 +116,8 @@ def multi_scale_bilinear_sample(
         value: (B, Nv, H, D) values of all levels, flattened level after level.
         spatial_shapes: (L, 2) integer (height, width) of each level; sum(h * w) == Nv.
         sampling_locations: (B, Nq, H, L, P, 2) normalized (x, y).
+        level_shapes: the contents of ``spatial_shapes`` as Python ints, when the caller has
+            them: the tensor is then not read back.
 
     Returns:
         (B, Nq, H, L, P, D) bilinear samples with zero padding; exactly zero (and without
@@ -117,7 +127,7 @@ def multi_scale_bilinear_sample(
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     touching = samples_touching_levels(sampling_locations, spatial_shapes)
     locations = torch.where(touching[..., None], sampling_locations, 0.5)
-    sampled = _sample(value, _shapes(spatial_shapes), locations)
+    sampled = _sample(value, _shapes(spatial_shapes, level_shapes), locations)
     sampled = sampled.view(batch, num_heads, head_dim, num_queries, num_levels, num_points)
     return torch.where(touching[..., None], sampled.permute(0, 3, 1, 4, 5, 2), 0.0)
 
@@ -128,6 +138,7 @@ def multi_scale_deformable_attention_reference(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> torch.Tensor:
     """
     Bilinear sampling with zero padding (``align_corners=False``) of every level, weighted sum.
@@ -141,6 +152,8 @@ def multi_scale_deformable_attention_reference(
             of the level and (1, 1) its bottom-right corner. Values outside [0, 1] sample zeros;
             non-finite ones contribute nothing (module docstring).
         attention_weights: (B, Nq, H, L, P) weights of the samples.
+        level_shapes: the contents of ``spatial_shapes`` as Python ints, when the caller has
+            them: the tensor is then not read back.
 
     Returns:
         (B, Nq, H * D) tensor.
@@ -149,7 +162,8 @@ def multi_scale_deformable_attention_reference(
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     _, locations, weights = _masked_inputs(spatial_shapes, sampling_locations, attention_weights)
-    sampled = _sample(value, _shapes(spatial_shapes), locations)  # (B * H, D, Nq, L * P)
+    shapes = _shapes(spatial_shapes, level_shapes)
+    sampled = _sample(value, shapes, locations)  # (B * H, D, Nq, L * P)
     # (B, Nq, H, L, P) -> (B * H, 1, Nq, L * P)
     weights = weights.transpose(1, 2).reshape(
         batch * num_heads, 1, num_queries, num_levels * num_points

@@ -17,7 +17,7 @@ from .encoders import (
 )
 from .matcher import HungarianMatcher
 from .meta_arch import FocusDETR, InferenceDetails, TwoStageDETR
-from .neck import MultiScaleNeck
+from .neck import MultiScaleNeck, neck_from_backbone
 from .position_encoding import PositionEmbeddingSine, get_sine_pos_embed
 from .query_selection import TwoStageQuerySelection
 from .structures import DecoderOutput, EncoderOutput, FlattenedFeatures
@@ -40,6 +40,7 @@ __all__ = [
     "InferenceDetails",
     "LiteEncoder",
     "MultiScaleNeck",
+    "neck_from_backbone",
     "PositionEmbeddingSine",
     "SetCriterion",
     "SparseEncoder",

@@ -6,8 +6,9 @@ import torch
 import torch.distributed as dist
 from detectron2.utils import comm
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
+from .box_ops import generalized_box_iou_loss
 from .denoising import DenoisingQueries
 from .matcher import HungarianMatcher
 
@@ -113,8 +114,9 @@ class SetCriterion(nn.Module):
     @staticmethod
     def num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
         """Average number of ground-truth boxes per process, at least 1 (scalar float tensor)."""
-        count = torch.as_tensor(
-            float(sum(t["labels"].numel() for t in targets)), dtype=torch.float32, device=device
+        # a fill, not a copy from the host: the device does not wait for it
+        count = torch.full(
+            (), float(sum(t["labels"].numel() for t in targets)), dtype=torch.float32, device=device
         )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(count)

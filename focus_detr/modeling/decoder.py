@@ -1,6 +1,6 @@
 """DINO decoder: deformable cross-attention to reference boxes, look-forward-twice refinement."""
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -73,6 +73,8 @@ class DINODecoderLayer(nn.Module):
         self_attn_mask: Optional[torch.Tensor] = None,
         self_attn_key_padding_mask: Optional[torch.Tensor] = None,
         return_sampling: bool = False,
+        *,
+        level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """
         Args:
@@ -86,6 +88,8 @@ class DINODecoderLayer(nn.Module):
             self_attn_mask: (Q, Q) bool, True = blocked, or None.
             self_attn_key_padding_mask: (B, Q) bool, True = no query may attend to it, or None.
             return_sampling: also return the cross-attention's sampling locations and weights.
+            level_shapes: the contents of ``spatial_shapes`` as Python ints
+                (``FlattenedFeatures.level_shapes``): the tensors are then not read back.
 
         Returns:
             (B, Q, C) updated queries; with ``return_sampling`` a tuple ``(queries, locations
@@ -109,6 +113,7 @@ class DINODecoderLayer(nn.Module):
             level_start_index,
             memory_padding_mask,
             return_sampling=return_sampling,
+            level_shapes=level_shapes,
         )
         sampling = None
         if return_sampling:
@@ -242,6 +247,7 @@ class DINODecoder(nn.Module):
                 self_attn_mask,
                 self_attn_key_padding_mask,
                 return_sampling=return_sampling,
+                level_shapes=features.level_shapes,
             )
             if return_sampling:
                 output, locations, weights = output

@@ -1,12 +1,12 @@
 """Ground truth in the forms the losses need, and predictions back to detectron2 Instances."""
 
 import logging
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import log_every_n_seconds
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 from .multi_scale import ImageSizes, image_sizes_tensor
 
@@ -16,13 +16,20 @@ logger = logging.getLogger(__name__)
 
 
 def instances_to_targets(
-    instances: Sequence[Instances], image_sizes: Sequence[Tuple[int, int]], num_classes: int
+    instances: Sequence[Instances],
+    image_sizes: Sequence[Tuple[int, int]],
+    num_classes: int,
+    *,
+    device: Optional[torch.device] = None,
 ) -> List[Dict[str, torch.Tensor]]:
     """
     Args:
         instances: per image, ``gt_boxes`` (absolute XYXY in the resized image) and ``gt_classes``.
         image_sizes: (h, w) of every resized, unpadded image.
         num_classes: K; every class id must lie in [0, K).
+        device: where the targets go (default: where the instances are). The ground truth is
+            checked and cleaned where it is, the data loader's CPU tensors, and then copied
+            without waiting for the device: checking it there would read the device back.
 
     Returns:
         Per image a dict with ``labels`` (M,) int64, ``boxes`` (M, 4) cxcywh normalized by the
@@ -61,13 +68,14 @@ def instances_to_targets(
             )
         boxes = boxes[keep]
         scale = boxes.new_tensor([width, height, width, height])
-        targets.append(
-            {
-                "labels": classes[keep],
-                "boxes": box_convert(boxes / scale, "xyxy", "cxcywh"),
-                "boxes_xyxy": boxes,
-            }
-        )
+        target = {
+            "labels": classes[keep],
+            "boxes": box_convert(boxes / scale, "xyxy", "cxcywh"),
+            "boxes_xyxy": boxes,
+        }
+        if device is not None:
+            target = {key: value.to(device, non_blocking=True) for key, value in target.items()}
+        targets.append(target)
     return targets
 
 
@@ -102,7 +110,7 @@ def select_detections(
     selected = torch.gather(boxes, 1, query_indices[..., None].expand(-1, -1, 4))
     selected = box_convert(selected, "cxcywh", "xyxy")
     sizes = image_sizes_tensor(image_sizes, boxes.device).to(selected.dtype)
-    scale = sizes[:, [1, 0, 1, 0]]  # (B, 4) w, h, w, h
+    scale = sizes.flip(-1).repeat(1, 2)  # (B, 4) w, h, w, h (no list index: a host copy)
     return selected * scale[:, None, :], scores, labels
 
 
@@ -130,8 +138,8 @@ def predictions_to_instances(
     results = []
     for index, image_size in enumerate(image_sizes):
         result = Instances(tuple(image_size))
-        result.pred_boxes = Boxes(selected[index])
-        result.pred_boxes.clip(result.image_size)
+        # clamped as Boxes.clip does, without its finiteness assertion (a read of the device)
+        result.pred_boxes = Boxes(clip_boxes_to_image(selected[index], result.image_size))
         result.scores = scores[index]
         result.pred_classes = labels[index]
         results.append(result)

@@ -5,7 +5,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert
+
+from .box_ops import generalized_box_iou_loss
 
 __all__ = ["HungarianMatcher"]
 
@@ -128,12 +130,13 @@ class HungarianMatcher(nn.Module):
             "boxes": torch.cat([target["boxes"] for target in targets]).to(device),
         }
         cost = self.cost_matrix(pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), all_targets)
-        if not torch.isfinite(cost).all():
-            raise ValueError("the matching cost has NaN or inf entries (non-finite predictions?)")
         cost = cost.view(batch, num_queries, -1)
         if valid_mask is not None:
             cost = cost + (~valid_mask).to(cost.dtype)[..., None] * _INVALID_COST
+        # the one read of the device: scipy assigns on the CPU
         cost = cost.cpu()
+        if not torch.isfinite(cost).all():
+            raise ValueError("the matching cost has NaN or inf entries (non-finite predictions?)")
         indices = []
         for image, image_cost in enumerate(cost.split(sizes, dim=-1)):
             if sizes[image] == 0:

@@ -1,7 +1,7 @@
 """A generic two-stage DETR meta-architecture: backbone -> neck -> encoder -> DINO decoder."""
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from .criterion import set_outputs
 from .detection_targets import instances_to_targets, predictions_to_instances
 from .encoders.base import DETREncoder, EncoderLossInputs
 from .multi_scale import flatten_levels, level_padding_masks
-from .neck import MultiScaleNeck
+from .neck import resolve_neck
 from .position_encoding import PositionEmbeddingSine
 from .structures import DecoderOutput, EncoderOutput, FlattenedFeatures
 from .weight_init import TRANSFORMER_INITS, migrate_state_dict, reference_transformer_init
@@ -44,12 +44,12 @@ class InferenceDetails:
 class TwoStageDETR(nn.Module):
     """
     A two-stage DETR as a detectron2 meta-architecture (DINO's recipe with any encoder). Any
-    detectron2 ``Backbone`` feeds a neck built from its ``output_shape()``; the flattened
-    multi-scale tokens go through an encoder (dense DINO, Focus, Sparse DETR, Lite DETR: any
-    :class:`DETREncoder`); two-stage query selection and contrastive denoising feed a DINO
-    decoder. Training returns the weighted losses of the decoder, the two-stage selection, the
-    denoising queries and whatever the encoder adds; inference returns
-    ``[{"instances": Instances}]``.
+    detectron2 ``Backbone`` feeds a neck (e.g. ``MultiScaleNeck``, built from the backbone's
+    ``output_shape()``) or the encoder directly; the flattened multi-scale tokens go through an
+    encoder (dense DINO, Focus, Sparse DETR, Lite DETR: any :class:`DETREncoder`); two-stage
+    query selection and contrastive denoising feed a DINO decoder. Training returns the weighted
+    losses of the decoder, the two-stage selection, the denoising queries and whatever the
+    encoder adds; inference returns ``[{"instances": Instances}]``.
 
     Focus-DETR is this class with a ``FocusEncoder`` (``FocusDETR`` is an alias).
     """
@@ -58,7 +58,6 @@ class TwoStageDETR(nn.Module):
         self,
         *,
         backbone: Backbone,
-        in_features: Sequence[str],
         encoder: DETREncoder,
         decoder: nn.Module,
         query_selection: nn.Module,
@@ -66,8 +65,7 @@ class TwoStageDETR(nn.Module):
         criterion: nn.Module,
         num_classes: int,
         hidden_dim: int = 256,
-        num_extra_levels: int = 1,
-        neck_num_groups: int = 32,
+        neck: Union[nn.Module, Callable[..., nn.Module], None] = None,
         position_embedding: Optional[nn.Module] = None,
         num_select: int = 300,
         pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
@@ -78,14 +76,19 @@ class TwoStageDETR(nn.Module):
     ):
         """
         Args:
-            backbone: any detectron2 backbone; ``in_features`` name its outputs, finest first.
+            backbone: any detectron2 backbone.
             encoder: a :class:`DETREncoder`; decoder: a ``DINODecoder``; query_selection: a
                 ``TwoStageQuerySelection``; denoising: a ``ContrastiveDenoising``; criterion: a
                 ``SetCriterion``.
             num_classes: object classes (no background class).
             hidden_dim: transformer channels.
-            num_extra_levels: stride-2 levels added after the last backbone level.
-            neck_num_groups: GroupNorm groups of the neck.
+            neck: maps the backbone's outputs to the transformer's levels (see
+                :mod:`focus_detr.modeling.neck`): a module with ``strides`` and
+                ``out_channels`` = ``hidden_dim``, or a builder called with
+                ``input_shapes=backbone.output_shape()`` (:func:`neck_from_backbone`; it is
+                built after the backbone, so a config need not know the backbone's channels),
+                or None: every backbone output, finest first, goes straight to the encoder and
+                must have ``hidden_dim`` channels.
             position_embedding: module mapping (B, H, W) masks to (B, hidden_dim, H, W);
                 default sine embedding with hidden_dim / 2 features per axis.
             num_select: detections kept per image at inference (at most the decoder queries).
@@ -119,16 +122,10 @@ class TwoStageDETR(nn.Module):
                 f"transformer_init must be one of {TRANSFORMER_INITS}, got {transformer_init!r}"
             )
         self.backbone = backbone
-        self.neck = MultiScaleNeck(
-            input_shapes=backbone.output_shape(),
-            in_features=in_features,
-            out_channels=hidden_dim,
-            num_extra_levels=num_extra_levels,
-            num_groups=neck_num_groups,
+        self.neck, self._strides, self._in_features = resolve_neck(
+            neck, backbone.output_shape(), hidden_dim
         )
-        _check_parts(
-            self.neck.num_levels, hidden_dim, in_features, num_extra_levels, encoder, decoder
-        )
+        _check_parts(self._strides, hidden_dim, encoder, decoder)
         available = query_selection.shared_heads()
         missing = [name for name in encoder.shared_heads if name not in available]
         if missing:
@@ -139,7 +136,7 @@ class TwoStageDETR(nn.Module):
         self.position_embedding = position_embedding or PositionEmbeddingSine(
             num_pos_feats=hidden_dim // 2
         )
-        self.level_embed = nn.Parameter(torch.empty(self.neck.num_levels, hidden_dim))
+        self.level_embed = nn.Parameter(torch.empty(len(self._strides), hidden_dim))
         self.encoder = encoder
         self.decoder = decoder
         self.query_selection = query_selection
@@ -157,7 +154,8 @@ class TwoStageDETR(nn.Module):
         nn.init.normal_(self.level_embed)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-            self.neck.to(memory_format=torch.channels_last)
+            if self.neck is not None:
+                self.neck.to(memory_format=torch.channels_last)
         self._register_load_state_dict_pre_hook(migrate_state_dict)
 
     @property
@@ -166,7 +164,8 @@ class TwoStageDETR(nn.Module):
 
     @property
     def strides(self) -> List[int]:
-        return self.neck.strides
+        """The nominal stride of every transformer level, finest first."""
+        return list(self._strides)
 
     # --- input -----------------------------------------------------------------------------
 
@@ -185,7 +184,7 @@ class TwoStageDETR(nn.Module):
         # Pad a batch of tiny images to two cells of the coarsest level per side: no feature map
         # is then one cell wide, where oneDNN's bfloat16 convolution returned NaN for some
         # weights (torch 2.14, CPU). Larger batches are unchanged, so is any image's result.
-        min_size = 2 * max(self.neck.strides)
+        min_size = 2 * max(self._strides)
         height, width = images.tensor.shape[-2:]
         if height < min_size or width < min_size:
             padding = (0, max(0, min_size - width), 0, max(0, min_size - height))
@@ -206,7 +205,11 @@ class TwoStageDETR(nn.Module):
         pixels = images.tensor
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        maps = self.neck(self.backbone(pixels))
+        outputs = self.backbone(pixels)
+        if self.neck is None:
+            maps = [outputs[name] for name in self._in_features]
+        else:
+            maps = self.neck(outputs)
         padded_size = (images.tensor.shape[-2], images.tensor.shape[-1])
         level_shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
         masks = level_padding_masks(images.image_sizes, padded_size, level_shapes, self.device)
@@ -216,8 +219,9 @@ class TwoStageDETR(nn.Module):
             masks,
             positions,
             self.level_embed,
-            strides=self.neck.strides,
+            strides=self._strides,
             padded_size=padded_size,
+            image_sizes=images.image_sizes,
             proposal_base_scale=self.query_selection.base_scale,
         )
 
@@ -244,9 +248,10 @@ class TwoStageDETR(nn.Module):
         encoded = self.encode(features)
         selection = self.query_selection(encoded.memory, features)
         targets = instances_to_targets(
-            [x["instances"].to(self.device) for x in batched_inputs],
+            [x["instances"] for x in batched_inputs],
             images.image_sizes,
             self.num_classes,
+            device=self.device,
         )
         denoise = self.denoising(targets, num_queries=selection.queries.shape[1])
         queries, reference_boxes = selection.queries, selection.reference_boxes
@@ -371,21 +376,20 @@ def _split_denoising(
     return matching, dn_outputs
 
 
-def _check_parts(num_levels, hidden_dim, in_features, num_extra_levels, encoder, decoder) -> None:
-    """ValueError naming the values when the neck, encoder and decoder disagree."""
-    for name, module in (("encoder", encoder), ("decoder", decoder)):
-        module_levels = getattr(module, "num_levels", num_levels)
-        if module_levels != num_levels:
-            raise ValueError(
-                f"{name}.num_levels={module_levels} but the backbone features "
-                f"{list(in_features)} plus num_extra_levels={num_extra_levels} give "
-                f"{num_levels} levels"
-            )
-        module_dim = getattr(module, "embed_dim", hidden_dim)
-        if module_dim != hidden_dim:
-            raise ValueError(f"{name}.embed_dim={module_dim} but hidden_dim={hidden_dim}")
+def _check_parts(
+    strides: Sequence[int], hidden_dim: int, encoder: DETREncoder, decoder: nn.Module
+) -> None:
+    """ValueError naming the values when the levels, encoder and decoder disagree."""
     if not isinstance(encoder, DETREncoder):
         raise TypeError(f"encoder must be a DETREncoder, got {type(encoder).__name__}")
+    for name, module in (("encoder", encoder), ("decoder", decoder)):
+        if module.num_levels != len(strides):
+            raise ValueError(
+                f"{name}.num_levels={module.num_levels} but the neck (or, without one, the "
+                f"backbone) gives {len(strides)} levels of strides {list(strides)}"
+            )
+        if module.embed_dim != hidden_dim:
+            raise ValueError(f"{name}.embed_dim={module.embed_dim} but hidden_dim={hidden_dim}")
 
 
 def _size_divisibility(backbone: Backbone) -> int:

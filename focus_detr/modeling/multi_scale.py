@@ -1,10 +1,11 @@
 """Padding masks, flattening, valid ratios, proposals and reference points of multi-scale maps."""
 
+import math
 from typing import List, Sequence, Tuple, Union
 
 import torch
 
-from .structures import FlattenedFeatures
+from .structures import FlattenedFeatures, int64_tensor
 
 __all__ = [
     "encoder_reference_points",
@@ -13,6 +14,7 @@ __all__ = [
     "image_sizes_tensor",
     "level_padding_masks",
     "valid_ratios",
+    "valid_token_counts",
 ]
 
 ImageSizes = Union[Sequence[Tuple[int, int]], Sequence[torch.Tensor]]
@@ -21,11 +23,46 @@ ImageSizes = Union[Sequence[Tuple[int, int]], Sequence[torch.Tensor]]
 def image_sizes_tensor(image_sizes: ImageSizes, device: torch.device) -> torch.Tensor:
     """
     ``ImageList.image_sizes`` as a (B, 2) int64 tensor of (h, w). It holds Python ints in eager
-    mode and (2,) tensors while ``torch.jit.trace`` runs (detectron2's FLOP counter), so the
-    sizes are stacked rather than read back.
+    mode (copied to ``device`` without waiting for it) and (2,) tensors while ``torch.jit.trace``
+    runs (detectron2's FLOP counter), which are stacked rather than read back.
     """
-    sizes = [torch.as_tensor(size, dtype=torch.int64, device=device) for size in image_sizes]
-    return torch.stack(sizes).view(-1, 2)
+    if any(isinstance(size, torch.Tensor) for size in image_sizes):
+        sizes = [torch.as_tensor(size, dtype=torch.int64, device=device) for size in image_sizes]
+        return torch.stack(sizes).view(-1, 2)
+    return int64_tensor([(size[0], size[1]) for size in image_sizes], device).view(-1, 2)
+
+
+def _valid_cells(size: int, cells: int, padded: int) -> int:
+    """Valid cells of a level axis of ``cells`` cells for an image ``size`` of ``padded``."""
+    # the float64 arithmetic of level_padding_masks, on Python numbers: int / int is the same
+    # correctly rounded quotient
+    return min(max(math.ceil(size * cells / padded), 1), cells)
+
+
+def valid_token_counts(
+    image_sizes: ImageSizes,
+    padded_size: Tuple[int, int],
+    level_shapes: Sequence[Tuple[int, int]],
+) -> Tuple[int, ...]:
+    """
+    Per image, the tokens of all levels that :func:`level_padding_masks` marks valid, computed
+    in Python from the image sizes (no tensor is read; under ``torch.jit.trace`` the (2,) size
+    tensors become constants of the trace).
+
+    Returns:
+        B Python ints.
+    """
+    pad_h, pad_w = padded_size
+    counts = []
+    for size in image_sizes:
+        height, width = int(size[0]), int(size[1])
+        counts.append(
+            sum(
+                _valid_cells(height, level_h, pad_h) * _valid_cells(width, level_w, pad_w)
+                for level_h, level_w in level_shapes
+            )
+        )
+    return tuple(counts)
 
 
 def level_padding_masks(
@@ -124,16 +161,19 @@ def flatten_levels(
     *,
     strides: Sequence[int],
     padded_size: Tuple[int, int],
+    image_sizes: ImageSizes,
     proposal_base_scale: float = 0.05,
 ) -> FlattenedFeatures:
     """
     Args:
         features: L tensors (B, C, h_l, w_l), finest first.
-        masks: L bool tensors (B, h_l, w_l), True on padding.
+        masks: L bool tensors (B, h_l, w_l), True on padding: ``level_padding_masks`` of
+            ``image_sizes``.
         positions: L position embeddings (B, C, h_l, w_l).
         level_embed: (L, C) learned level embedding.
         strides: L nominal strides of the levels.
         padded_size: (H, W) of the padded input batch.
+        image_sizes: (h, w) of every image before padding (``ImageList.image_sizes``).
         proposal_base_scale: side of the level-0 two-stage proposals.
 
     Returns:
@@ -145,15 +185,23 @@ def flatten_levels(
             f"{len(features)} levels, {len(masks)} masks, {len(positions)} positions, "
             f"{level_embed.shape[0]} level embeddings, strides {list(strides)}"
         )
+    if len(image_sizes) != features[0].shape[0]:
+        raise ValueError(
+            f"need one image size per image: {len(image_sizes)} sizes for a batch of "
+            f"{features[0].shape[0]}"
+        )
+    for level, (feature, mask, position) in enumerate(zip(features, masks, positions)):
+        batch, _, height, width = feature.shape
+        if mask.shape != (batch, height, width) or position.shape != feature.shape:
+            raise ValueError(
+                f"level {level}: features {tuple(feature.shape)} need a mask "
+                f"({batch}, {height}, {width}) and a position embedding of the same shape, got "
+                f"{tuple(mask.shape)} and {tuple(position.shape)}"
+            )
     dtype = features[0].dtype
     # geometry (ratios, proposals) in at least float32, also under bfloat16 autocast
     geometry_dtype = torch.promote_types(dtype, torch.float32)
-    device = features[0].device
     level_shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
-    spatial_shapes = torch.tensor(level_shapes, dtype=torch.int64, device=device).view(-1, 2)
-    starts = [0]
-    for height, width in level_shapes[:-1]:
-        starts.append(starts[-1] + height * width)
     tokens = torch.cat([feature.flatten(2).transpose(1, 2) for feature in features], dim=1)
     pos = torch.cat(
         [
@@ -170,13 +218,12 @@ def flatten_levels(
         pos=pos.to(dtype),
         padding_mask=torch.cat([mask.flatten(1) for mask in masks], dim=1),
         level_shapes=level_shapes,
-        strides=tuple(int(stride) for stride in strides),
-        spatial_shapes=spatial_shapes,
-        level_start_index=torch.tensor(starts, dtype=torch.int64, device=device),
+        strides=tuple(strides),
         valid_ratios=torch.stack([valid_ratios(mask, geometry_dtype) for mask in masks], dim=1),
         proposals=proposals,
         proposal_valid=proposal_valid,
         padded_size=(int(padded_size[0]), int(padded_size[1])),
+        valid_token_counts=valid_token_counts(image_sizes, padded_size, level_shapes),
     )
 
 

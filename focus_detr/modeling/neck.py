@@ -1,16 +1,25 @@
-"""Input projection from a detectron2 backbone to the transformer's multi-scale feature maps."""
+"""Input projection from a detectron2 backbone to the transformer's multi-scale feature maps.
 
-from typing import Dict, List, Sequence
+A neck is any module that maps the backbone's outputs (a dict of (B, C_in, H, W) maps) to L maps
+(B, hidden_dim, h_l, w_l), finest first, and declares ``strides`` (L nominal strides) and
+``out_channels``. The meta-architecture takes it like the backbone; a config describes a neck
+whose input channels come from the backbone with :func:`neck_from_backbone`.
+"""
+
+import functools
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.layers import ShapeSpec, get_norm
 from torch import nn
 
-__all__ = ["NECK_NORMS", "MultiScaleNeck"]
+__all__ = ["NECK_NORMS", "MultiScaleNeck", "neck_from_backbone", "resolve_neck"]
 
 # "GN": GroupNorm (Deformable DETR, DINO); the others: detectron2's batch norms (RT-DETR's input
 # projection is a 1x1 conv without bias + BatchNorm).
 NECK_NORMS = ("GN", "BN", "SyncBN", "FrozenBN")
+
+NeckBuilder = Callable[..., nn.Module]
 
 
 class MultiScaleNeck(nn.Module):
@@ -120,3 +129,68 @@ class MultiScaleNeck(nn.Module):
             previous = level(previous)
             outputs.append(previous)
         return outputs
+
+
+def neck_from_backbone(
+    *, neck_class: Callable[..., nn.Module] = MultiScaleNeck, **kwargs
+) -> NeckBuilder:
+    """
+    A neck to be built from the backbone's ``output_shape()``: the meta-architecture calls the
+    returned builder with ``input_shapes=backbone.output_shape()`` when it is constructed. A
+    LazyConfig thereby describes the neck without knowing the backbone's channels, e.g.
+    ``model.neck = L(neck_from_backbone)(in_features=["res3", "res4", "res5"],
+    out_channels="${..hidden_dim}", num_extra_levels=1)``.
+
+    Args:
+        neck_class: the neck's class (or any callable returning the neck module), called with
+            ``input_shapes`` and ``kwargs``.
+        kwargs: its other constructor arguments.
+
+    Returns:
+        ``builder(input_shapes=...) -> nn.Module``.
+    """
+    return functools.partial(neck_class, **kwargs)
+
+
+def resolve_neck(
+    neck: Union[nn.Module, NeckBuilder, None], shapes: Dict[str, ShapeSpec], hidden_dim: int
+) -> Tuple[Optional[nn.Module], List[int], List[str]]:
+    """
+    The neck of a meta-architecture whose backbone has the output ``shapes``: a module is taken
+    as it is, a builder is called with ``input_shapes=shapes``.
+
+    Returns:
+        ``(neck module or None, strides of the levels, the backbone outputs that go straight to
+        the encoder when there is no neck, finest first)``.
+
+    Raises:
+        ValueError, TypeError: naming the values when the neck or, without one, the backbone's
+            outputs do not have ``hidden_dim`` channels, or the neck is no module.
+    """
+    if neck is None:
+        names = sorted(shapes, key=lambda name: shapes[name].stride or 0)
+        channels = {name: shapes[name].channels for name in names}
+        if not names or any(shapes[name].stride is None for name in names):
+            raise ValueError(f"the backbone's outputs need strides, got {shapes}")
+        if any(count != hidden_dim for count in channels.values()):
+            raise ValueError(
+                f"without a neck the backbone's outputs go straight to the encoder and need "
+                f"hidden_dim={hidden_dim} channels, got {channels}: give the model a neck "
+                "(e.g. neck_from_backbone(...)) or a backbone with those channels"
+            )
+        return None, [int(shapes[name].stride) for name in names], names
+    if not isinstance(neck, nn.Module):
+        if not callable(neck):
+            raise TypeError(f"neck must be a module, a builder or None, got {neck!r}")
+        neck = neck(input_shapes=shapes)
+        if not isinstance(neck, nn.Module):
+            raise TypeError(f"the neck builder returned {type(neck).__name__}, not a module")
+    for attribute in ("strides", "out_channels"):
+        if not hasattr(neck, attribute):
+            raise TypeError(f"the neck {type(neck).__name__} has no `{attribute}` attribute")
+    if neck.out_channels != hidden_dim:
+        raise ValueError(
+            f"the neck {type(neck).__name__} has out_channels={neck.out_channels} but "
+            f"hidden_dim={hidden_dim}"
+        )
+    return neck, [int(stride) for stride in neck.strides], []

@@ -10,15 +10,27 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["FlattenedFeatures", "EncoderOutput", "DecoderOutput"]
+__all__ = ["FlattenedFeatures", "EncoderOutput", "DecoderOutput", "int64_tensor"]
+
+
+def int64_tensor(values: Sequence, device: torch.device) -> torch.Tensor:
+    """
+    Python ints as an int64 tensor on ``device``. The copy to an accelerator is issued without
+    waiting for it (``non_blocking``; the values are staged before the call returns), so that
+    building geometry from Python sizes never stalls the stream.
+    """
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
 
 
 @dataclass
 class FlattenedFeatures:
     """
     Multi-scale feature maps flattened level after level (row-major inside a level), with the
-    geometry every encoder, the query selection and the decoder need. Level shapes are carried
-    as Python ints so that no module reads a tensor back to learn them.
+    geometry every encoder, the query selection and the decoder need. Level shapes and valid
+    token counts are carried as Python ints so that no module reads a tensor back to learn them.
+    The geometry is checked here, once, when the features are made: ``spatial_shapes`` and
+    ``level_start_index`` are built from ``level_shapes``, so the deformable attention calls
+    that receive them with ``level_shapes`` need not read them back to check them.
 
     Attributes:
         tokens: (B, N, C) neck features.
@@ -27,14 +39,17 @@ class FlattenedFeatures:
         level_shapes: L pairs ``(h_l, w_l)`` of Python ints, finest level first.
         strides: L nominal strides (input pixels per cell), e.g. (8, 16, 32, 64).
         spatial_shapes: (L, 2) int64 tensor of ``level_shapes`` (the deformable attention op's
-            argument), on the tokens' device.
-        level_start_index: (L,) int64 tensor, offset of every level in the N tokens.
+            argument), on the tokens' device; made from ``level_shapes`` (not an argument).
+        level_start_index: (L,) int64 tensor, offset of every level in the N tokens; made from
+            ``level_shapes`` (not an argument).
         valid_ratios: (B, L, 2) ``(valid_w / w_l, valid_h / h_l)`` of every image and level.
         proposals: (B, N, 4) one square cxcywh proposal per token in logit space (DINO's
             two-stage proposals); ``+inf`` where ``proposal_valid`` is False.
         proposal_valid: (B, N) bool, False on padding and on tokens whose proposal leaves
             (0.01, 0.99) (the outer ring of the fine levels).
         padded_size: ``(H, W)`` of the padded input batch in pixels.
+        valid_token_counts: B Python ints, the unpadded tokens of every image (the False
+            entries of its row of ``padding_mask``), known from the image sizes.
     """
 
     tokens: torch.Tensor
@@ -42,12 +57,42 @@ class FlattenedFeatures:
     padding_mask: torch.Tensor
     level_shapes: Tuple[Tuple[int, int], ...]
     strides: Tuple[int, ...]
-    spatial_shapes: torch.Tensor
-    level_start_index: torch.Tensor
     valid_ratios: torch.Tensor
     proposals: torch.Tensor
     proposal_valid: torch.Tensor
     padded_size: Tuple[int, int]
+    valid_token_counts: Tuple[int, ...]
+    spatial_shapes: torch.Tensor = field(init=False)
+    level_start_index: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        """ValueError naming the values when the geometry is inconsistent (no tensor read)."""
+        self.level_shapes = tuple((int(h), int(w)) for h, w in self.level_shapes)
+        self.strides = tuple(int(stride) for stride in self.strides)
+        self.valid_token_counts = tuple(int(count) for count in self.valid_token_counts)
+        if not self.level_shapes or any(h <= 0 or w <= 0 for h, w in self.level_shapes):
+            raise ValueError(f"level_shapes must be positive (h, w) pairs, got {self.level_shapes}")
+        if len(self.strides) != len(self.level_shapes):
+            raise ValueError(
+                f"need one stride per level: strides {self.strides}, level shapes "
+                f"{self.level_shapes}"
+            )
+        if self.tokens.dim() != 3:
+            raise ValueError(f"tokens must be (B, N, C), got shape {tuple(self.tokens.shape)}")
+        batch, num_tokens = self.tokens.shape[:2]
+        if sum(self.level_sizes) != num_tokens:
+            raise ValueError(
+                f"level shapes {self.level_shapes} hold {sum(self.level_sizes)} tokens but "
+                f"tokens has N = {num_tokens} (shape {tuple(self.tokens.shape)})"
+            )
+        counts = self.valid_token_counts
+        if len(counts) != batch or any(not 0 <= count <= num_tokens for count in counts):
+            raise ValueError(
+                f"valid_token_counts must be {batch} counts in [0, {num_tokens}], got {counts}"
+            )
+        device = self.tokens.device
+        self.spatial_shapes = int64_tensor(self.level_shapes, device).view(-1, 2)
+        self.level_start_index = int64_tensor(self.level_starts, device)
 
     @property
     def num_levels(self) -> int:

@@ -28,22 +28,18 @@ from typing import List, Optional
 import torch
 
 import focus_detr.data  # noqa: F401  (registers the synthetic shapes datasets)
-from focus_detr.tools.analysis.memory import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD
-from focus_detr.tools.analysis.models import (
-    AnalysisError,
-    build_analysis_model,
-    load_analyzed_configs,
-    resolve_name,
-)
-from focus_detr.tools.analysis.plot import plot_sweep
-from focus_detr.tools.analysis.report import format_markdown, write_json
-from focus_detr.tools.analysis.runner import (
+from focus_detr.analysis.measure import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD
+from focus_detr.analysis.models import AnalysisError, load_analyzed_configs, resolve_name
+from focus_detr.analysis.plot import plot_sweep
+from focus_detr.analysis.report import format_markdown, write_json
+from focus_detr.analysis.runner import (
     AnalysisSettings,
     analyze_config,
     baseline_ratios,
     check_sweep,
+    shared_foreground_ranges,
 )
-from focus_detr.tools.machine import describe_machine
+from focus_detr.benchmark import describe_machine
 
 PLOT_FILE = "keep_ratio_sweep.png"
 
@@ -136,7 +132,7 @@ def _settings_notes(args, devices) -> dict:
     notes = {
         "devices": ", ".join(str(device) for device in devices),
         "timing": (
-            f"{args.warmup} warm-up + {args.iters} timed passes over the inputs, batch 1, "
+            f"per input image {args.warmup} warm-up + {args.iters} timed inferences, batch 1, "
             "float32, eval, no_grad; median of the timed inferences; encoder: forward pre / "
             "post hooks on model.encoder during the same inferences"
         ),
@@ -156,27 +152,6 @@ def _settings_notes(args, devices) -> dict:
     if args.opts:
         notes["overrides"] = " ".join(args.opts)
     return notes
-
-
-def shared_foreground_ranges(configs, name: Optional[str], names: List[str]):
-    """
-    One definition of the foreground tokens for the token quality of every config: the ranges of
-    the config ``name``, else of the first config whose encoder has foreground ranges (Focus);
-    None when no config has them (each encoder then uses the default ranges).
-    """
-    candidates = configs
-    if name is not None:
-        candidates = [configs[names.index(resolve_name(name, names))]]
-    for config in candidates:
-        model = build_analysis_model(config, torch.device("cpu"))
-        ranges = getattr(getattr(model.encoder, "foreground_loss", None), "ranges", None)
-        if ranges is not None:
-            return [tuple(pair) for pair in ranges]
-        if name is not None:
-            raise AnalysisError(
-                f"--foreground-ranges-of {name}: its encoder has no foreground ranges"
-            )
-    return None
 
 
 def run(args) -> dict:
@@ -202,7 +177,7 @@ def run(args) -> dict:
         memory=not args.no_memory,
         sweep_keep_ratios=args.sweep_keep_ratio,
         overrides=args.opts,
-        foreground_ranges=shared_foreground_ranges(configs, args.foreground_ranges_of, names),
+        foreground_ranges=shared_foreground_ranges(configs, args.foreground_ranges_of),
     )
     results = [analyze_config(config, settings) for config in configs]
     if baseline is not None:
@@ -230,7 +205,7 @@ def run(args) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    logger = logging.getLogger("focus_detr.tools.analysis")
+    logger = logging.getLogger("focus_detr.analysis")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[analyze] %(message)s"))

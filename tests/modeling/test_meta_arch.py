@@ -224,14 +224,14 @@ def test_bad_values_raise(overrides, match):
     [
         ("encoder", "num_levels", 3),  # the neck gives res3-res5 + 1 extra level = 4 levels
         ("decoder", "num_levels", 5),
-        (None, "num_extra_levels", 0),  # 3 levels from the neck, 4 in encoder and decoder
-        (None, "in_features", ["res4", "res5"]),
+        ("neck", "num_extra_levels", 0),  # 3 levels from the neck, 4 in encoder and decoder
+        ("neck", "in_features", ["res4", "res5"]),
     ],
 )
 def test_levels_inconsistent_with_the_neck_raise(module, key, value):
     cfg = tiny_model_config()
     cfg.encoder.foreground_ranges = None  # one default range per level, whatever the count
-    (cfg[module] if module else cfg)[key] = value
+    cfg[module][key] = value
     with pytest.raises(ValueError, match="num_levels"):
         FocusDETR(**_parts(cfg))
 

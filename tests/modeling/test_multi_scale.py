@@ -6,6 +6,7 @@ import helpers
 import pytest
 import torch
 
+from focus_detr.modeling import FlattenedFeatures
 from focus_detr.modeling.multi_scale import (
     encoder_reference_points,
     flatten_levels,
@@ -13,6 +14,7 @@ from focus_detr.modeling.multi_scale import (
     image_sizes_tensor,
     level_padding_masks,
     valid_ratios,
+    valid_token_counts,
 )
 
 
@@ -41,6 +43,21 @@ def test_image_sizes_as_tensors_like_under_tracing():
     as_ints = level_padding_masks([(13, 20), (32, 32)], (32, 32), [(4, 4)], "cpu")
     as_tensors = level_padding_masks(sizes, (32, 32), [(4, 4)], "cpu")
     assert torch.equal(as_ints[0], as_tensors[0])
+    assert valid_token_counts(sizes, (32, 32), [(4, 4)]) == (6, 16)
+
+
+@pytest.mark.parametrize("padded_size", [(32, 32), (64, 96), (800, 1216), (224, 224)])
+def test_valid_token_counts_are_those_of_the_padding_masks(padded_size):
+    # Python arithmetic against the masks' float64 arithmetic, at many image sizes and levels
+    generator = torch.Generator().manual_seed(0)
+    pad_h, pad_w = padded_size
+    level_shapes = [(-(-pad_h // stride), -(-pad_w // stride)) for stride in (8, 16, 32, 64)]
+    heights = torch.randint(1, pad_h + 1, (40,), generator=generator).tolist()
+    widths = torch.randint(1, pad_w + 1, (40,), generator=generator).tolist()
+    sizes = list(zip(heights, widths)) + [(1, 1), (pad_h, pad_w), (pad_h, 1)]
+    masks = level_padding_masks(sizes, padded_size, level_shapes, "cpu")
+    counted = sum((~mask).flatten(1).sum(dim=1) for mask in masks).tolist()
+    assert list(valid_token_counts(sizes, padded_size, level_shapes)) == counted
 
 
 def test_valid_ratios_by_hand():
@@ -94,6 +111,7 @@ def test_flatten_levels_layout():
     assert features.spatial_shapes.tolist() == [[3, 4], [2, 2]]
     assert features.level_start_index.tolist() == [0, 12]
     assert features.padded_size == (24, 32)
+    assert features.valid_token_counts == (16, 2 * 2 + 2 * 1)
     # image 1: 16x16 of 24x32 -> level 0 keeps ceil(16 * 3 / 24) = 2 rows x ceil(16 * 4 / 32)
     # = 2 columns, level 1 ceil(16 * 2 / 24) = 2 rows x ceil(16 * 2 / 32) = 1 column
     expected = torch.ones(3, 4, dtype=torch.bool)
@@ -114,7 +132,50 @@ def test_flatten_levels_rejects_mismatched_inputs():
             torch.zeros(2, 4),
             strides=[8],
             padded_size=(16, 16),
+            image_sizes=[(16, 16)],
         )
+    level_embed = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match=r"level 0: features \(1, 4, 2, 2\) need a mask"):
+        flatten_levels(
+            maps,
+            [torch.zeros(1, 2, 3, dtype=torch.bool)],
+            [torch.zeros(1, 4, 2, 2)],
+            level_embed,
+            strides=[8],
+            padded_size=(16, 16),
+            image_sizes=[(16, 16)],
+        )
+    with pytest.raises(ValueError, match="2 sizes for a batch of 1"):
+        flatten_levels(
+            maps,
+            masks,
+            [torch.zeros(1, 4, 2, 2)],
+            level_embed,
+            strides=[8],
+            padded_size=(16, 16),
+            image_sizes=[(16, 16)] * 2,
+        )
+
+
+def test_flattened_features_check_their_geometry_once_without_reading_tensors():
+    features = helpers.make_features(((3, 4), (2, 2)), batch=2, channels=8)
+    assert features.valid_token_counts == (16, 16)
+    fields = {
+        name: getattr(features, name)
+        for name in features.__dataclass_fields__
+        if name not in ("spatial_shapes", "level_start_index")
+    }
+    with pytest.raises(ValueError, match=r"hold 14 tokens but tokens has N = 16"):
+        FlattenedFeatures(**{**fields, "level_shapes": ((3, 4), (1, 2))})
+    with pytest.raises(ValueError, match="positive"):
+        FlattenedFeatures(**{**fields, "level_shapes": ((0, 4), (2, 2))})
+    with pytest.raises(ValueError, match=r"one stride per level"):
+        FlattenedFeatures(**{**fields, "strides": (8,)})
+    with pytest.raises(ValueError, match=r"2 counts in \[0, 16\], got \(16, 17\)"):
+        FlattenedFeatures(**{**fields, "valid_token_counts": (16, 17)})
+    # the op's level tensors are made from the Python shapes, not taken from the caller
+    with pytest.raises(TypeError):
+        FlattenedFeatures(**fields, spatial_shapes=features.spatial_shapes)
 
 
 def test_tokens_follow_the_row_major_order_of_each_level():
@@ -123,7 +184,13 @@ def test_tokens_follow_the_row_major_order_of_each_level():
     positions = [torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 1, 1)]
     level_embed = torch.tensor([[100.0], [200.0]])
     flat = flatten_levels(
-        maps, masks, positions, level_embed, strides=[8, 16], padded_size=(16, 24)
+        maps,
+        masks,
+        positions,
+        level_embed,
+        strides=[8, 16],
+        padded_size=(16, 24),
+        image_sizes=[(16, 24)],
     )
     assert flat.tokens[0, :, 0].tolist() == [0, 1, 2, 3, 4, 5, 10]
     assert flat.pos[0, :, 0].tolist() == [100.0] * 6 + [200.0]

@@ -8,25 +8,26 @@ import torch
 from detectron2.config import LazyConfig
 from detectron2.utils.analysis import FlopCountAnalysis
 
-from focus_detr.layers.flop_count import ALL_FLOP_HANDLES
-from focus_detr.modeling import EncoderOutput, compute_foreground_targets
-from focus_detr.tools.analysis import (
+from focus_detr.analysis import (
     TokenStatistics,
     collect_token_statistics,
     count_flops,
     count_parameters,
     measure_latency,
+    measure_peak_memory,
 )
-from focus_detr.tools.analysis.evaluation import first_items
-from focus_detr.tools.analysis.models import (
+from focus_detr.analysis.evaluation import first_items
+from focus_detr.analysis.models import (
     MODEL_PARTS,
     AnalysisError,
     encoder_class,
     has_keep_ratio,
     resolve_name,
 )
-from focus_detr.tools.analysis.report import to_json
-from focus_detr.tools.analysis.tokens import foreground_size_ranges, foreground_token_mask
+from focus_detr.analysis.report import to_json
+from focus_detr.analysis.tokens import foreground_size_ranges, foreground_token_mask
+from focus_detr.layers.flop_count import ALL_FLOP_HANDLES
+from focus_detr.modeling import EncoderOutput, compute_foreground_targets
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -140,10 +141,9 @@ def test_latency_times_the_encoder_inside_each_inference():
     model = helpers.build_tiny_model(encoder="dense").eval()
     inputs = [{"image": helpers.make_image(64, 80)}, {"image": helpers.make_image(64, 64)}]
     latency = measure_latency(model, inputs, warmup=1, iters=2)
-    assert len(latency.model_times) == len(latency.encoder_times) == 4
-    assert all(0 < e < m for e, m in zip(latency.encoder_times, latency.model_times))
-    summary = latency.summary()
-    assert 0 < summary["encoder_ms"] < summary["model_ms"] and summary["forwards"] == 4
+    assert len(latency["model_ms_all"]) == len(latency["encoder_ms_all"]) == 4
+    assert all(0 < e < m for e, m in zip(latency["encoder_ms_all"], latency["model_ms_all"]))
+    assert 0 < latency["encoder_ms"] < latency["model_ms"] and latency["forwards"] == 4
     # the hooks are gone
     assert not model.encoder._forward_hooks and not model.encoder._forward_pre_hooks
     with pytest.raises(ValueError, match="iters"):
@@ -209,12 +209,8 @@ def test_first_items_and_json_cleaning():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_latency_and_peak_memory():
-    from focus_detr.tools.analysis.memory import measure_cuda_peak_memory
-
     model = helpers.build_tiny_model(encoder="focus").eval().to("cuda")
     inputs = [{"image": helpers.make_image(96, 128)}]
     latency = measure_latency(model, inputs, warmup=1, iters=2)
-    assert all(0 < e < m for e, m in zip(latency.encoder_times, latency.model_times))
-    assert measure_cuda_peak_memory(model, inputs) > 0
-    with pytest.raises(ValueError, match="not on a CUDA device"):
-        measure_cuda_peak_memory(model.to("cpu"), inputs)
+    assert all(0 < e < m for e, m in zip(latency["encoder_ms_all"], latency["model_ms_all"]))
+    assert measure_peak_memory(model, inputs) > 0

@@ -14,7 +14,8 @@ import helpers
 import pytest
 import torch
 
-from focus_detr.tools.convert_detrex import convert_detrex_state_dict, load_state_dict, main
+from focus_detr.detrex import convert_detrex_state_dict, load_state_dict
+from focus_detr.tools.convert_detrex import main
 
 REPO_ROOT = str(helpers.REPO_ROOT)
 # heads detrex keeps under two or more names, as in FOCUS_DETR.__init__

@@ -29,7 +29,6 @@ from focus_detr.layers import (
     msda_backend,
     multi_scale_deformable_attention_reference,
 )
-from focus_detr.modeling.encoders.token_selection import compute_token_budgets
 from focus_detr.tools.export import main
 
 HEIGHT, WIDTH = 128, 160
@@ -209,29 +208,6 @@ def test_bad_command_lines(demo, tmp_path, capsys):
     argv = base + ["--format", "torch-export", "--output", str(tmp_path / "no" / "x.pt2")]
     assert main(argv) == 2
     assert f"{tmp_path / 'no'}" in capsys.readouterr().err
-
-
-def test_token_budgets_while_exporting_are_those_of_an_unpadded_image():
-    factors = (1.0, 0.8, 0.3)
-
-    class Budgets(torch.nn.Module):
-        def forward(self, padding_mask):
-            sizes, budgets = compute_token_budgets(
-                (~padding_mask).sum(dim=1), 0.37, factors, max_valid=padding_mask.shape[1]
-            )
-            return [torch.zeros(size) for size in sizes], budgets
-
-    unpadded = torch.zeros(1, 97, dtype=torch.bool)
-    eager_sizes, eager_budgets = Budgets()(unpadded)
-    program = torch.export.export(Budgets(), (unpadded,), strict=False)
-    sizes, budgets = program.module()(unpadded)
-    assert [len(s) for s in sizes] == [len(s) for s in eager_sizes] == [36, 28, 10]
-    assert torch.equal(budgets, eager_budgets)
-    # an image with padding: the same budgets as eager, in a larger gather
-    padded = torch.arange(97)[None] >= 50
-    sizes, budgets = program.module()(padded)
-    assert [len(s) for s in sizes] == [36, 28, 10]
-    assert torch.equal(budgets, Budgets()(padded)[1]) and budgets[:, 0].tolist() == [19, 15, 5]
 
 
 def test_weights_that_do_not_fit_are_refused(demo, tmp_path, capsys):

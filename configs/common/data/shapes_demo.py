@@ -15,8 +15,8 @@ dataloader.train.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=192, max_size=192),
 ]
 dataloader.train.total_batch_size = 8
-# Mapping a batch of these small images takes ~35 ms in the main process; on 2 cores a loader
-# worker process competing with the 2 compute threads made each training step ~8% slower.
+# The small images are mapped in the main process: on 2 cores a loader worker process competes
+# with the compute threads and slows the training step down.
 dataloader.train.num_workers = 0
 
 dataloader.test.dataset.names = "focus_detr_shapes_val"

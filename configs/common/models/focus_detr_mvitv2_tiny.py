@@ -19,7 +19,5 @@ model.backbone = L(MViT)(
     norm_layer=partial(nn.LayerNorm, eps=1e-6),
     out_features=("scale3", "scale4", "scale5"),
 )
-model.in_features = ["scale3", "scale4", "scale5"]
-model.num_extra_levels = 1
-model.encoder.num_levels = 4
-model.decoder.num_levels = 4
+model.neck.in_features = ["scale3", "scale4", "scale5"]
+model.neck.num_extra_levels = 1

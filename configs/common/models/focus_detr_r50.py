@@ -12,9 +12,11 @@ from focus_detr.modeling import (
     DINODecoder,
     FocusEncoder,
     HungarianMatcher,
+    MultiScaleNeck,
     SetCriterion,
     TwoStageDETR,
     TwoStageQuerySelection,
+    neck_from_backbone,
 )
 
 model = L(TwoStageDETR)(
@@ -24,15 +26,21 @@ model = L(TwoStageDETR)(
         out_features=["res3", "res4", "res5"],
         freeze_at=1,
     ),
-    in_features=["res3", "res4", "res5"],
-    num_extra_levels=1,
+    # built from the backbone's output_shape(): 1x1 projections of res3-res5, one stride-2 level
+    neck=L(neck_from_backbone)(
+        neck_class=MultiScaleNeck,
+        in_features=["res3", "res4", "res5"],
+        out_channels="${..hidden_dim}",
+        num_extra_levels=1,
+        num_groups=32,
+    ),
     hidden_dim=256,
     num_classes=80,
     encoder=L(FocusEncoder)(
         embed_dim="${..hidden_dim}",
         num_layers=6,
         num_heads=8,
-        num_levels=4,
+        num_levels="${..decoder.num_levels}",  # the level count is the decoder's
         num_points=4,
         ffn_dim=2048,
         dropout=0.0,
@@ -52,7 +60,7 @@ model = L(TwoStageDETR)(
         num_heads=8,
         feedforward_dim=2048,
         dropout=0.0,
-        num_levels=4,
+        num_levels=4,  # transformer levels: len(in_features) + num_extra_levels
         num_points=4,
         num_classes="${..num_classes}",
         refine_from_normed=False,

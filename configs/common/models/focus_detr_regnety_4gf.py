@@ -21,10 +21,8 @@ model.backbone = L(RegNet)(
     norm="FrozenBN",
     out_features=["s2", "s3", "s4"],
 )
-model.in_features = ["s2", "s3", "s4"]
-model.num_extra_levels = 1
-model.encoder.num_levels = 4
-model.decoder.num_levels = 4
+model.neck.in_features = ["s2", "s3", "s4"]
+model.neck.num_extra_levels = 1
 
 # The pycls ImageNet weights expect BGR input normalized with the BGR ImageNet mean and std (as
 # detectron2's RegNet configs); the experiment file sets the data mappers to BGR to match.

@@ -15,7 +15,5 @@ model.backbone = L(SwinTransformer)(
     drop_path_rate=0.1,
     out_indices=(1, 2, 3),
 )
-model.in_features = ["p1", "p2", "p3"]
-model.num_extra_levels = 1
-model.encoder.num_levels = 4
-model.decoder.num_levels = 4
+model.neck.in_features = ["p1", "p2", "p3"]
+model.neck.num_extra_levels = 1

@@ -41,7 +41,5 @@ model.backbone = L(SimpleFeaturePyramid)(
     norm="LN",
     square_pad=1024,
 )
-model.in_features = ["p3", "p4", "p5"]
-model.num_extra_levels = 1
-model.encoder.num_levels = 4
-model.decoder.num_levels = 4
+model.neck.in_features = ["p3", "p4", "p5"]
+model.neck.num_extra_levels = 1

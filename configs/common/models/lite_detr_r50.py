@@ -12,7 +12,7 @@ from .focus_detr_r50 import model
 model.encoder = L(LiteEncoder)(
     embed_dim="${..hidden_dim}",
     num_heads=8,
-    num_levels=4,
+    num_levels="${..decoder.num_levels}",
     num_points=4,
     ffn_dim=2048,
     low_ffn_dim=256,

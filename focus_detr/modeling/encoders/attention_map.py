@@ -4,6 +4,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from ..structures import int64_tensor
+
 __all__ = ["decoder_attention_map", "top_tokens_target"]
 
 _ALIGNMENTS = ("sampling", "reference")
@@ -75,7 +77,7 @@ def decoder_attention_map(
 
 @torch.no_grad()
 def top_tokens_target(
-    attention_map: torch.Tensor, padding_mask: torch.Tensor, counts: torch.Tensor
+    attention_map: torch.Tensor, padding_mask: torch.Tensor, counts: Sequence[int]
 ) -> torch.Tensor:
     """
     Sparse DETR's binary target: the ``counts[i]`` valid tokens of image i with the largest
@@ -84,17 +86,18 @@ def top_tokens_target(
     Args:
         attention_map: (B, N) attention mass.
         padding_mask: (B, N) bool, True on padding (never a target).
-        counts: (B,) int64 tokens per image.
+        counts: B Python ints, tokens per image (no tensor is read back).
 
     Returns:
         (B, N) float targets in {0, 1}.
     """
     ranking = attention_map.masked_fill(padding_mask, float("-inf"))
-    max_count = int(counts.max()) if counts.numel() > 0 else 0
+    max_count = max(counts, default=0)
     target = torch.zeros_like(attention_map)
     if max_count == 0:
         return target
     order = ranking.topk(min(max_count, ranking.shape[1]), dim=1).indices
-    keep = torch.arange(order.shape[1], device=order.device)[None, :] < counts[:, None]
+    count_tensor = int64_tensor(counts, order.device)
+    keep = torch.arange(order.shape[1], device=order.device)[None, :] < count_tensor[:, None]
     keep &= ~padding_mask.gather(1, order)
     return target.scatter(1, order, keep.to(target.dtype))

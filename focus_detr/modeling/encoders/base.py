@@ -49,15 +49,34 @@ class DETREncoder(nn.Module):
       the detector's losses without knowing their names. An encoder whose loss needs the
       decoder's cross-attention sets ``needs_decoder_sampling``.
 
-    Subclasses set ``embed_dim``, ``num_levels`` and ``num_layers`` attributes.
+    What the meta-architecture and the tools rely on is declared here: ``embed_dim`` (C, the
+    token width), ``num_levels`` (L), ``num_layers``, and ``has_keep_ratio``: True for encoders
+    with a ``keep_ratio`` (the share of tokens they update) that may be changed after training,
+    e.g. ``model.encoder.keep_ratio = 0.3``.
     """
 
     shared_heads: ClassVar[Tuple[str, ...]] = ()
     needs_decoder_sampling: ClassVar[bool] = False
+    has_keep_ratio: ClassVar[bool] = False
 
-    embed_dim: int
-    num_levels: int
-    num_layers: int
+    def __init__(self, *, embed_dim: int, num_levels: int, num_layers: int):
+        """
+        Args:
+            embed_dim: C, channels of the tokens in and out.
+            num_levels: L, feature levels of the flattened features.
+            num_layers: encoder layers (one ``EncoderOutput.layer_indices`` entry each).
+        """
+        super().__init__()
+        for name, value in (
+            ("embed_dim", embed_dim),
+            ("num_levels", num_levels),
+            ("num_layers", num_layers),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.embed_dim = embed_dim
+        self.num_levels = num_levels
+        self.num_layers = num_layers
 
     def forward(
         self, features: FlattenedFeatures, shared_heads: Mapping[str, nn.Module]

@@ -1,13 +1,14 @@
 """The deformable encoder layer shared by every encoder: deformable attention, then an FFN."""
 
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ...layers import MultiScaleDeformableAttention
+from .base import DETREncoder
 
-__all__ = ["DeformableEncoderLayer", "feedforward"]
+__all__ = ["DeformableEncoder", "DeformableEncoderLayer", "feedforward"]
 
 
 def feedforward(embed_dim: int, hidden_dim: int, dropout: float) -> nn.Sequential:
@@ -90,6 +91,8 @@ class DeformableEncoderLayer(nn.Module):
         value_padding_mask: Optional[torch.Tensor],
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
+        *,
+        level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> torch.Tensor:
         """``LN(q + DeformAttn(q + p, value))``: (B, k, C)."""
         attended = self.deformable_attn(
@@ -99,6 +102,7 @@ class DeformableEncoderLayer(nn.Module):
             spatial_shapes,
             level_start_index,
             value_padding_mask,
+            level_shapes=level_shapes,
         )
         return self.deformable_norm(query + self.deformable_dropout(attended))
 
@@ -111,6 +115,8 @@ class DeformableEncoderLayer(nn.Module):
         value_padding_mask: Optional[torch.Tensor],
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
+        *,
+        level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -121,6 +127,8 @@ class DeformableEncoderLayer(nn.Module):
             value_padding_mask: (B, N) bool, True on padded value tokens, or None.
             spatial_shapes: (L, 2) int64 (h, w) of every level.
             level_start_index: (L,) int64 offset of every level in ``value``.
+            level_shapes: the contents of ``spatial_shapes`` as Python ints
+                (``FlattenedFeatures.level_shapes``): the tensors are then not read back.
 
         Returns:
             (B, k, C) updated tokens.
@@ -133,5 +141,45 @@ class DeformableEncoderLayer(nn.Module):
             value_padding_mask,
             spatial_shapes,
             level_start_index,
+            level_shapes=level_shapes,
         )
         return self.ffn_norm(query + self.ffn(query))
+
+
+class DeformableEncoder(DETREncoder):
+    """
+    Base of the encoders built of :class:`DeformableEncoderLayer` (dense DINO, Focus, Sparse
+    DETR, Lite DETR): the constructor arguments they share, stated once. Subclasses build their
+    layers with ``**self.layer_args`` (plus their own options).
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 256,
+        num_layers: int = 6,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+    ):
+        """
+        Args:
+            embed_dim: C, token channels.
+            num_layers: encoder layers.
+            num_heads: attention heads of every layer.
+            num_levels: feature levels sampled by the deformable attention.
+            num_points: sampling points per head and level.
+            ffn_dim: hidden width of the layers' FFN.
+            dropout: dropout after the attention and inside the FFN.
+        """
+        super().__init__(embed_dim=embed_dim, num_levels=num_levels, num_layers=num_layers)
+        self.layer_args: Dict[str, Any] = dict(
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            num_levels=num_levels,
+            num_points=num_points,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+        )

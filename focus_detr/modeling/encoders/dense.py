@@ -6,13 +6,12 @@ from torch import nn
 
 from ..multi_scale import encoder_reference_points
 from ..structures import EncoderOutput, FlattenedFeatures
-from .base import DETREncoder
-from .deformable_layer import DeformableEncoderLayer
+from .deformable_layer import DeformableEncoder, DeformableEncoderLayer
 
 __all__ = ["DenseEncoder"]
 
 
-class DenseEncoder(DETREncoder):
+class DenseEncoder(DeformableEncoder):
     """
     The DINO baseline (Deformable DETR's encoder, "DINO: DETR with Improved DeNoising Anchor Boxes",
     ICLR 2023): ``num_layers`` deformable layers, each updating all N tokens with deformable
@@ -20,39 +19,15 @@ class DenseEncoder(DETREncoder):
     its own: the cost every efficient encoder is measured against.
     """
 
-    def __init__(
-        self,
-        *,
-        embed_dim: int = 256,
-        num_layers: int = 6,
-        num_heads: int = 8,
-        num_levels: int = 4,
-        num_points: int = 4,
-        ffn_dim: int = 2048,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, **kwargs):
         """
         Args:
-            embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout: see
-                :class:`DeformableEncoderLayer`.
-            num_layers: encoder layers (DINO: 6).
+            kwargs: ``embed_dim``, ``num_layers`` (DINO: 6), ``num_heads``, ``num_levels``,
+                ``num_points``, ``ffn_dim``, ``dropout``: see :class:`DeformableEncoder`.
         """
-        super().__init__()
-        if num_layers <= 0:
-            raise ValueError(f"num_layers must be positive, got {num_layers}")
-        self.embed_dim = embed_dim
-        self.num_layers = num_layers
-        self.num_levels = num_levels
+        super().__init__(**kwargs)
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(
-                embed_dim=embed_dim,
-                num_heads=num_heads,
-                num_levels=num_levels,
-                num_points=num_points,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-            )
-            for _ in range(num_layers)
+            DeformableEncoderLayer(**self.layer_args) for _ in range(self.num_layers)
         )
 
     def forward(
@@ -79,6 +54,7 @@ class DenseEncoder(DETREncoder):
                 features.padding_mask,
                 features.spatial_shapes,
                 features.level_start_index,
+                level_shapes=features.level_shapes,
             )
         return EncoderOutput(
             memory=memory,

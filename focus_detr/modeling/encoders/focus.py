@@ -1,23 +1,17 @@
 """The Focus-DETR encoder: foreground token selection and cascade token sparsification."""
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..multi_scale import encoder_reference_points
 from ..structures import EncoderOutput, FlattenedFeatures
-from .base import DETREncoder, EncoderLossInputs
+from .base import EncoderLossInputs
 from .focus_layer import FocusEncoderLayer
 from .foreground_selector import ForegroundTokenSelector
 from .foreground_targets import ForegroundLoss
-from .token_selection import (
-    SCORE_PRODUCTS,
-    check_keep_ratio,
-    compute_token_budgets,
-    fill_padding_with_minimum,
-    fine_grained_scores,
-)
+from .token_selection import SCORE_PRODUCTS, fill_padding_with_minimum, fine_grained_scores
+from .token_sparse import SelectedTokens, TokenSparseEncoder
 
 __all__ = ["FocusEncoder"]
 
@@ -25,7 +19,7 @@ _VALUE_SOURCES = ("initial", "updated")
 _SELECTOR_MASKS = ("proposals", "padding")
 
 
-class FocusEncoder(DETREncoder):
+class FocusEncoder(TokenSparseEncoder):
     """
     Focus-DETR's encoder. Scores all tokens once with the :class:`ForegroundTokenSelector`, then
     lets every layer update a nested prefix of the score ranking (``layer_keep_factors`` of the
@@ -44,13 +38,6 @@ class FocusEncoder(DETREncoder):
     def __init__(
         self,
         *,
-        embed_dim: int = 256,
-        num_layers: int = 6,
-        num_heads: int = 8,
-        num_levels: int = 4,
-        num_points: int = 4,
-        ffn_dim: int = 2048,
-        dropout: float = 0.0,
         keep_ratio: float = 0.5,
         layer_keep_factors: Sequence[float] = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2),
         topk_sa: int = 300,
@@ -65,16 +52,15 @@ class FocusEncoder(DETREncoder):
         foreground_loss_weight: float = 1.5,
         foreground_focal_alpha: float = 0.25,
         foreground_focal_gamma: float = 2.0,
+        **kwargs,
     ):
         """
         Args:
-            embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout, topk_sa: see
-                :class:`FocusEncoderLayer`.
-            num_layers: encoder layers.
             keep_ratio: rho in (0, 1], the fraction of an image's valid tokens in its foreground
                 budget (reference 0.5).
             layer_keep_factors: per layer, the fraction of the budget the layer updates, in
                 (0, 1] (reference 1.0, 0.8, 0.6, 0.6, 0.4, 0.2).
+            topk_sa: tokens per image in the dual attention, see :class:`FocusEncoderLayer`.
             score_product: how the dual attention ranks tokens: "logit" (reference: product of
                 the raw class and foreground logits) or "probability" (product of sigmoids), see
                 :func:`fine_grained_scores`.
@@ -92,10 +78,11 @@ class FocusEncoder(DETREncoder):
                 ``default_size_ranges``).
             foreground_loss_weight: weight of the selector's loss (reference 1.5).
             foreground_focal_alpha, foreground_focal_gamma: its focal loss parameters.
+            kwargs: ``embed_dim``, ``num_layers``, ``num_heads``, ``num_levels``, ``num_points``,
+                ``ffn_dim``, ``dropout``: see :class:`DeformableEncoder`.
         """
-        super().__init__()
-        if num_layers <= 0:
-            raise ValueError(f"num_layers must be positive, got {num_layers}")
+        super().__init__(keep_ratio=keep_ratio, **kwargs)
+        num_layers, num_levels = self.num_layers, self.num_levels
         layer_keep_factors = tuple(float(factor) for factor in layer_keep_factors)
         if len(layer_keep_factors) != num_layers:
             raise ValueError(
@@ -112,10 +99,6 @@ class FocusEncoder(DETREncoder):
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        self.embed_dim = embed_dim
-        self.num_layers = num_layers
-        self.num_levels = num_levels
-        self.keep_ratio = keep_ratio
         self.layer_keep_factors = layer_keep_factors
         self.score_product = score_product
         self.project_category_input = project_category_input
@@ -123,23 +106,14 @@ class FocusEncoder(DETREncoder):
         self.value_source = value_source
 
         self.selector = ForegroundTokenSelector(
-            embed_dim=embed_dim,
+            embed_dim=self.embed_dim,
             num_levels=num_levels,
             hidden_dim=selector_hidden_dim,
             head_dims=selector_head_dims,
             alpha_init_range=selector_alpha_init_range,
         )
         self.layers = nn.ModuleList(
-            FocusEncoderLayer(
-                embed_dim=embed_dim,
-                num_heads=num_heads,
-                num_levels=num_levels,
-                num_points=num_points,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                topk_sa=topk_sa,
-            )
-            for _ in range(num_layers)
+            FocusEncoderLayer(topk_sa=topk_sa, **self.layer_args) for _ in range(num_layers)
         )
         self.foreground_loss = ForegroundLoss(
             num_levels=num_levels,
@@ -148,15 +122,6 @@ class FocusEncoder(DETREncoder):
             gamma=foreground_focal_gamma,
             weight=foreground_loss_weight,
         )
-
-    @property
-    def keep_ratio(self) -> float:
-        """rho: the fraction of an image's valid tokens the first layer updates."""
-        return self._keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value: float) -> None:
-        self._keep_ratio = check_keep_ratio(value)
 
     def score_tokens(
         self, features: FlattenedFeatures, token_projection: nn.Module
@@ -193,66 +158,40 @@ class FocusEncoder(DETREncoder):
         self.check_features(features)
         token_projection = shared_heads["memory_projection"]
         category_head = shared_heads["class_head"]
-        tokens, token_pos, padding_mask = features.tokens, features.pos, features.padding_mask
-        batch, num_tokens, channels = tokens.shape
+        padding_mask = features.padding_mask
         logits, foreground_logits = self.score_tokens(features, token_projection)
+        selections = self.select_tokens(features, logits, self.layer_keep_factors)
+        initial_value = features.tokens.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        ranking_logits = logits.detach()
 
-        # one ranking for all layers: nested index sets, no gradient through the selection;
-        # -inf puts every padded token after every valid one, even on ties with the minimum
-        ranking = logits.detach().masked_fill(padding_mask, float("-inf"))
-        layer_sizes, budgets = compute_token_budgets(
-            (~padding_mask).sum(dim=1),
-            self.keep_ratio,
-            self.layer_keep_factors,
-            max_valid=num_tokens,
-        )
-        order = ranking.topk(min(max(layer_sizes), num_tokens), dim=1).indices
-
-        initial_value = tokens.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        flat_reference = encoder_reference_points(features).flatten(2)
-        arange = torch.arange(order.shape[1], device=tokens.device)
-        memory = tokens
-        layer_indices: List[Optional[torch.Tensor]] = []
-        layer_valid: List[Optional[torch.Tensor]] = []
-        for layer, size, budget in zip(self.layers, layer_sizes, budgets):
-            indices = order[:, : min(size, num_tokens)]
-            num_selected = indices.shape[1]
-            valid = arange[None, :num_selected] < budget[:, None]
-            valid &= ~padding_mask.gather(1, indices)  # guard only: the -inf ranking ensures it
-            token_index = indices.unsqueeze(-1).expand(-1, -1, channels)
-            query = memory.gather(1, token_index)
-            query_pos = token_pos.gather(1, token_index)
-            query_reference = flat_reference.gather(
-                1, indices.unsqueeze(-1).expand(-1, -1, flat_reference.shape[-1])
-            ).view(batch, num_selected, self.num_levels, 2)
+        def update(
+            layer: int, query: torch.Tensor, selected: SelectedTokens, memory: torch.Tensor
+        ) -> torch.Tensor:
             with torch.no_grad():
                 category_input = token_projection(query) if self.project_category_input else query
                 scores = fine_grained_scores(
                     category_head(category_input),
-                    logits.detach().gather(1, indices),
+                    ranking_logits.gather(1, selected.indices),
                     self.score_product,
                 )
-            value = initial_value if self.value_source == "initial" else memory
-            updated = layer(
+            return self.layers[layer](
                 query,
-                query_pos,
-                query_reference,
-                value,
+                selected.pos,
+                selected.reference,
+                initial_value if self.value_source == "initial" else memory,
                 padding_mask,
                 features.spatial_shapes,
                 features.level_start_index,
                 scores,
-                valid,
+                selected.valid,
+                level_shapes=features.level_shapes,
             )
-            # tokens beyond the image's budget are written back unchanged: one batched scatter
-            updated = torch.where(valid.unsqueeze(-1), updated, query)
-            memory = memory.scatter(1, token_index, updated)
-            layer_indices.append(indices)
-            layer_valid.append(valid)
+
+        memory, _ = self.update_tokens(features, selections, update)
         return EncoderOutput(
             memory=memory,
-            layer_indices=layer_indices,
-            layer_valid=layer_valid,
+            layer_indices=[selected.indices for selected in selections],
+            layer_valid=[selected.valid for selected in selections],
             token_scores=foreground_logits,
         )
 

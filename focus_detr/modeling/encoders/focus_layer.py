@@ -1,5 +1,7 @@
 """One Focus-DETR encoder layer: dual attention, then the deformable layer (post-norm)."""
 
+from typing import Optional, Sequence, Tuple
+
 import torch
 from torch import nn
 
@@ -111,11 +113,13 @@ class FocusEncoderLayer(DeformableEncoderLayer):
         level_start_index: torch.Tensor,
         scores: torch.Tensor,
         query_valid: torch.Tensor,
+        *,
+        level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> torch.Tensor:
         """
         Args:
             query, query_pos, reference_points, value, value_padding_mask, spatial_shapes,
-                level_start_index: see :meth:`DeformableEncoderLayer.forward`.
+                level_start_index, level_shapes: see :meth:`DeformableEncoderLayer.forward`.
             scores: (B, k) fine-grained scores ranking the tokens for the dual attention.
             query_valid: (B, k) bool, False for tokens beyond the image's budget.
 
@@ -131,4 +135,5 @@ class FocusEncoderLayer(DeformableEncoderLayer):
             value_padding_mask,
             spatial_shapes,
             level_start_index,
+            level_shapes=level_shapes,
         )

@@ -1,14 +1,13 @@
 """The Lite DETR encoder: high-level tokens updated more often than low-level ones."""
 
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..multi_scale import encoder_reference_points
 from ..structures import EncoderOutput, FlattenedFeatures
-from .base import DETREncoder
-from .deformable_layer import DeformableEncoderLayer, feedforward
+from .deformable_layer import DeformableEncoder, DeformableEncoderLayer, feedforward
 
 __all__ = ["LiteEncoder", "LiteAllLevelLayer"]
 
@@ -40,6 +39,8 @@ class LiteAllLevelLayer(DeformableEncoderLayer):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         num_low_tokens: int,
+        *,
+        level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> torch.Tensor:
         """
         As :meth:`DeformableEncoderLayer.forward` with ``query`` = all N tokens, the first
@@ -53,6 +54,7 @@ class LiteAllLevelLayer(DeformableEncoderLayer):
             value_padding_mask,
             spatial_shapes,
             level_start_index,
+            level_shapes=level_shapes,
         )
         low, high = query[:, :num_low_tokens], query[:, num_low_tokens:]
         low = self.low_ffn_norm(low + self.low_ffn(low))
@@ -60,7 +62,7 @@ class LiteAllLevelLayer(DeformableEncoderLayer):
         return torch.cat([low, high], dim=1)
 
 
-class LiteEncoder(DETREncoder):
+class LiteEncoder(DeformableEncoder):
     """
     Lite DETR ("Lite DETR: An Interleaved Multi-Scale Encoder for Efficient DETR", CVPR 2023).
     The levels split into high-level (the ``num_high_levels`` coarsest, e.g. strides 16/32/64)
@@ -75,55 +77,47 @@ class LiteEncoder(DETREncoder):
     def __init__(
         self,
         *,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        num_levels: int = 4,
-        num_points: int = 4,
-        ffn_dim: int = 2048,
         low_ffn_dim: int = 256,
-        dropout: float = 0.0,
         num_high_levels: int = 3,
         high_updates_per_block: int = 2,
         num_blocks: int = 3,
         key_aware: bool = False,
+        **kwargs,
     ):
         """
         Args:
-            embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout: see
-                :class:`DeformableEncoderLayer`.
             low_ffn_dim: hidden width of the low-level FFN in the all-level layers.
             num_high_levels: coarsest levels treated as high-level (H3L1: 3), in [1, L - 1].
             high_updates_per_block: high-level-only layers per block (A in (A+1)xB).
             num_blocks: blocks (B in (A+1)xB).
             key_aware: key-aware deformable attention in every layer.
+            kwargs: ``embed_dim``, ``num_heads``, ``num_levels``, ``num_points``, ``ffn_dim``,
+                ``dropout``: see :class:`DeformableEncoder` (the layer count follows from the
+                blocks: ``num_blocks * (high_updates_per_block + 1)``).
         """
-        super().__init__()
-        if not 1 <= num_high_levels < num_levels:
+        if "num_layers" in kwargs:
             raise ValueError(
-                f"num_high_levels must be in [1, num_levels - 1] = [1, {num_levels - 1}], got "
-                f"{num_high_levels}"
+                f"LiteEncoder takes no num_layers (got {kwargs['num_layers']}): it has "
+                "num_blocks * (high_updates_per_block + 1) layers"
             )
         if high_updates_per_block < 0:
             raise ValueError(f"high_updates_per_block must be >= 0, got {high_updates_per_block}")
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
-        self.embed_dim = embed_dim
-        self.num_levels = num_levels
+        schedule = (["high"] * high_updates_per_block + ["all"]) * num_blocks
+        super().__init__(num_layers=len(schedule), **kwargs)
+        num_levels = self.num_levels
+        if not 1 <= num_high_levels < num_levels:
+            raise ValueError(
+                f"num_high_levels must be in [1, num_levels - 1] = [1, {num_levels - 1}], got "
+                f"{num_high_levels}"
+            )
         self.num_high_levels = num_high_levels
         self.high_updates_per_block = high_updates_per_block
         self.num_blocks = num_blocks
         self.key_aware = key_aware
-        self.schedule: List[str] = (["high"] * high_updates_per_block + ["all"]) * num_blocks
-        self.num_layers = len(self.schedule)
-        common = dict(
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            num_levels=num_levels,
-            num_points=num_points,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            key_aware=key_aware,
-        )
+        self.schedule: List[str] = schedule
+        common = dict(key_aware=key_aware, **self.layer_args)
         self.layers = nn.ModuleList(
             (
                 LiteAllLevelLayer(low_ffn_dim=low_ffn_dim, **common)
@@ -162,13 +156,29 @@ class LiteEncoder(DETREncoder):
         layer_indices: List[Optional[torch.Tensor]] = []
         layer_valid: List[Optional[torch.Tensor]] = []
         geometry = (features.padding_mask, features.spatial_shapes, features.level_start_index)
+        level_shapes = features.level_shapes
         for kind, layer in zip(self.schedule, self.layers):
             if kind == "all":
-                memory = layer(memory, features.pos, reference, memory, *geometry, num_low)
+                memory = layer(
+                    memory,
+                    features.pos,
+                    reference,
+                    memory,
+                    *geometry,
+                    num_low,
+                    level_shapes=level_shapes,
+                )
                 layer_indices.append(None)
                 layer_valid.append(None)
             else:
-                high = layer(memory[:, num_low:], high_pos, high_reference, memory, *geometry)
+                high = layer(
+                    memory[:, num_low:],
+                    high_pos,
+                    high_reference,
+                    memory,
+                    *geometry,
+                    level_shapes=level_shapes,
+                )
                 memory = torch.cat([memory[:, :num_low], high], dim=1)
                 layer_indices.append(high_indices)
                 layer_valid.append(high_valid)

@@ -1,28 +1,24 @@
 """The Sparse DETR encoder: a learned scoring network keeps a fixed share of the tokens."""
 
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..heads import clone_modules, detection_heads
-from ..multi_scale import encoder_reference_points
 from ..structures import EncoderOutput, FlattenedFeatures
 from .attention_map import decoder_attention_map, top_tokens_target
-from .base import DETREncoder, EncoderLossInputs
+from .base import EncoderLossInputs
 from .deformable_layer import DeformableEncoderLayer
 from .foreground_selector import ForegroundTokenSelector
-from .token_selection import (
-    check_keep_ratio,
-    compute_token_budgets,
-    fill_padding_with_minimum,
-)
+from .token_selection import fill_padding_with_minimum
+from .token_sparse import SelectedTokens, TokenSparseEncoder
 
 __all__ = ["SparseEncoder"]
 
 
-class SparseEncoder(DETREncoder):
+class SparseEncoder(TokenSparseEncoder):
     """
     Sparse DETR ("Sparse DETR: Efficient End-to-End Object Detection with Learnable Sparsity",
     ICLR 2022). A scoring network (the selector network of Focus-DETR without top-down
@@ -44,25 +40,16 @@ class SparseEncoder(DETREncoder):
     def __init__(
         self,
         *,
-        embed_dim: int = 256,
-        num_layers: int = 6,
-        num_heads: int = 8,
-        num_levels: int = 4,
-        num_points: int = 4,
-        ffn_dim: int = 2048,
-        dropout: float = 0.0,
         keep_ratio: float = 0.1,
         num_classes: int = 80,
         aux_heads: bool = True,
         saliency_loss_weight: float = 1.0,
         attention_map_alignment: str = "sampling",
         prior_prob: float = 0.01,
+        **kwargs,
     ):
         """
         Args:
-            embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout: see
-                :class:`DeformableEncoderLayer`.
-            num_layers: encoder layers (6).
             keep_ratio: rho in (0, 1], the share of an image's valid tokens every layer updates
                 (Sparse DETR: 0.1 to 0.5).
             num_classes: K, outputs of the auxiliary class heads.
@@ -71,10 +58,12 @@ class SparseEncoder(DETREncoder):
             attention_map_alignment: how decoder sampling points are splatted onto the tokens,
                 see :func:`decoder_attention_map`.
             prior_prob: initial foreground probability of the auxiliary class heads.
+            kwargs: ``embed_dim``, ``num_layers`` (Sparse DETR: 6), ``num_heads``,
+                ``num_levels``, ``num_points``, ``ffn_dim``, ``dropout``: see
+                :class:`DeformableEncoder`.
         """
-        super().__init__()
-        if num_layers <= 0:
-            raise ValueError(f"num_layers must be positive, got {num_layers}")
+        super().__init__(keep_ratio=keep_ratio, **kwargs)
+        embed_dim, num_layers = self.embed_dim, self.num_layers
         if saliency_loss_weight < 0:
             raise ValueError(f"saliency_loss_weight must be >= 0, got {saliency_loss_weight}")
         if attention_map_alignment not in ("sampling", "reference"):
@@ -82,26 +71,14 @@ class SparseEncoder(DETREncoder):
                 "attention_map_alignment must be 'sampling' or 'reference', got "
                 f"{attention_map_alignment!r}"
             )
-        self.embed_dim = embed_dim
-        self.num_layers = num_layers
-        self.num_levels = num_levels
-        self.keep_ratio = keep_ratio
         self.saliency_loss_weight = saliency_loss_weight
         self.attention_map_alignment = attention_map_alignment
         self.prior_prob = prior_prob
         self.scorer = ForegroundTokenSelector(
-            embed_dim=embed_dim, num_levels=num_levels, top_down=False, global_context="image"
+            embed_dim=embed_dim, num_levels=self.num_levels, top_down=False, global_context="image"
         )
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(
-                embed_dim=embed_dim,
-                num_heads=num_heads,
-                num_levels=num_levels,
-                num_points=num_points,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-            )
-            for _ in range(num_layers)
+            DeformableEncoderLayer(**self.layer_args) for _ in range(num_layers)
         )
         self.aux_class_heads: Optional[nn.ModuleList] = None
         self.aux_box_heads: Optional[nn.ModuleList] = None
@@ -109,15 +86,6 @@ class SparseEncoder(DETREncoder):
             class_head, box_head = detection_heads(embed_dim, num_classes, prior_prob)
             self.aux_class_heads = clone_modules(class_head, num_layers - 1)
             self.aux_box_heads = clone_modules(box_head, num_layers - 1)
-
-    @property
-    def keep_ratio(self) -> float:
-        """rho: the share of an image's valid tokens every layer updates."""
-        return self._keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value: float) -> None:
-        self._keep_ratio = check_keep_ratio(value)
 
     def reset_head_parameters(self) -> None:
         """Focal-loss prior of the auxiliary class heads, zero last box layers."""
@@ -143,70 +111,60 @@ class SparseEncoder(DETREncoder):
             :class:`EncoderOutput` with ``memory`` (B, N, C), ``token_scores`` (B, N) saliency
             logits, the same (B, k) ``layer_indices`` / ``layer_valid`` for every layer, and
             ``extras["aux_outputs"]`` (training: per layer but the last, "pred_logits" (B, k, K),
-            "pred_boxes" (B, k, 4), "valid" (B, k)) and ``extras["counts"]`` (B,) kept tokens.
+            "pred_boxes" (B, k, 4), "valid" (B, k)) and ``extras["counts"]``: B Python ints,
+            the tokens kept in every image.
         """
         self.check_features(features)
-        tokens, padding_mask = features.tokens, features.padding_mask
-        batch, num_tokens, channels = tokens.shape
+        padding_mask = features.padding_mask
         scorer_input = shared_heads["memory_projection"](
-            (tokens + features.pos).masked_fill(~features.proposal_valid.unsqueeze(-1), 0.0)
+            (features.tokens + features.pos).masked_fill(
+                ~features.proposal_valid.unsqueeze(-1), 0.0
+            )
         )
         logits = self.scorer(scorer_input, padding_mask, features.level_shapes)
         token_scores = fill_padding_with_minimum(logits, padding_mask)
+        # every layer updates the same tokens: one selection, shared
+        selections = self.select_tokens(features, logits, (1.0,) * self.num_layers)
+        kept = selections[0]
 
-        sizes, budgets = compute_token_budgets(
-            (~padding_mask).sum(dim=1),
-            self.keep_ratio,
-            (1.0,) * self.num_layers,
-            max_valid=num_tokens,
-        )
-        ranking = logits.detach().masked_fill(padding_mask, float("-inf"))
-        indices = ranking.topk(min(sizes[0], num_tokens), dim=1).indices
-        counts = budgets[0]
-        valid = torch.arange(indices.shape[1], device=tokens.device)[None, :] < counts[:, None]
-        valid &= ~padding_mask.gather(1, indices)
-        token_index = indices.unsqueeze(-1).expand(-1, -1, channels)
-        reference = encoder_reference_points(features).flatten(2)
-        query_reference = reference.gather(
-            1, indices.unsqueeze(-1).expand(-1, -1, reference.shape[-1])
-        ).view(batch, indices.shape[1], self.num_levels, 2)
-        query_pos = features.pos.gather(1, token_index)
-        proposals = features.proposals.gather(1, indices.unsqueeze(-1).expand(-1, -1, 4))
-        aux_valid = valid & features.proposal_valid.gather(1, indices)
-        proposals = proposals.masked_fill(~aux_valid.unsqueeze(-1), 0.0)
-
-        memory = tokens
-        aux_outputs: List[Dict[str, torch.Tensor]] = []
-        for layer_index, layer in enumerate(self.layers):
-            query = memory.gather(1, token_index)
-            updated = layer(
+        def update(
+            layer: int, query: torch.Tensor, selected: SelectedTokens, memory: torch.Tensor
+        ) -> torch.Tensor:
+            return self.layers[layer](
                 query,
-                query_pos,
-                query_reference,
+                selected.pos,
+                selected.reference,
                 memory,
                 padding_mask,
                 features.spatial_shapes,
                 features.level_start_index,
+                level_shapes=features.level_shapes,
             )
-            updated = torch.where(valid.unsqueeze(-1), updated, query)
-            memory = memory.scatter(1, token_index, updated)
-            if self.training and self.aux_class_heads is not None:
-                if layer_index < self.num_layers - 1:
-                    aux_outputs.append(
-                        {
-                            "pred_logits": self.aux_class_heads[layer_index](updated),
-                            "pred_boxes": (
-                                self.aux_box_heads[layer_index](updated) + proposals
-                            ).sigmoid(),
-                            "valid": aux_valid,
-                        }
-                    )
+
+        with_aux = self.training and self.aux_class_heads is not None
+        memory, written = self.update_tokens(features, selections, update, keep_written=with_aux)
+        aux_outputs = []
+        if with_aux:
+            aux_valid = kept.valid & features.proposal_valid.gather(1, kept.indices)
+            proposals = features.proposals.gather(
+                1, kept.indices.unsqueeze(-1).expand(-1, -1, 4)
+            ).masked_fill(~aux_valid.unsqueeze(-1), 0.0)
+            for class_head, box_head, tokens in zip(
+                self.aux_class_heads, self.aux_box_heads, written[:-1]
+            ):
+                aux_outputs.append(
+                    {
+                        "pred_logits": class_head(tokens),
+                        "pred_boxes": (box_head(tokens) + proposals).sigmoid(),
+                        "valid": aux_valid,
+                    }
+                )
         return EncoderOutput(
             memory=memory,
-            layer_indices=[indices] * self.num_layers,
-            layer_valid=[valid] * self.num_layers,
+            layer_indices=[kept.indices] * self.num_layers,
+            layer_valid=[kept.valid] * self.num_layers,
             token_scores=token_scores,
-            extras={"aux_outputs": aux_outputs, "counts": counts},
+            extras={"aux_outputs": aux_outputs, "counts": kept.budgets},
         )
 
     def saliency_target(self, output: EncoderOutput, inputs: EncoderLossInputs) -> torch.Tensor:

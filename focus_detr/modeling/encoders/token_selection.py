@@ -1,7 +1,7 @@
 """Token budgets and rankings shared by the encoders that update a subset of the tokens."""
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -26,48 +26,36 @@ def check_keep_ratio(keep_ratio: float) -> float:
 
 
 def compute_token_budgets(
-    num_valid: torch.Tensor,
-    keep_ratio: float,
-    layer_keep_factors: Sequence[float],
-    *,
-    max_valid: Optional[int] = None,
-) -> Tuple[List[int], torch.Tensor]:
+    valid_counts: Sequence[int], keep_ratio: float, layer_keep_factors: Sequence[float]
+) -> Tuple[List[int], List[List[int]]]:
     """
-    How many tokens every layer gathers, and how many of them each image may write.
+    How many tokens every layer gathers, and how many of them each image may write, from the
+    images' valid token counts as Python ints (no tensor is read).
 
-    Per image ``n_i = floor(keep_ratio * valid_i) + 1`` clamped to ``valid_i``, ``K = max_i n_i``.
-    Layer l gathers ``k_l = max(1, floor(c_l * K))`` tokens per image (a rectangular batch) and
-    image i writes its first ``b_il = min(n_i, max(1, floor(c_l * n_i)))`` of them: the cascade
-    factor applies to every image's own budget, so an image is encoded exactly as it would be
-    alone, whatever the other images of its batch. (The reference writes ``min(k_l, n_i)``: a
-    small image next to a large one keeps its whole budget in every layer.)
+    Per image ``n_i = floor(keep_ratio * valid_i) + 1`` clamped to ``valid_i``, ``K = max_i n_i``
+    (at least 1). Layer l gathers ``k_l = max(1, floor(c_l * K))`` tokens per image (a
+    rectangular batch) and image i writes its first ``b_il = min(n_i, max(1, floor(c_l * n_i)))``
+    of them: the cascade factor applies to every image's own budget, so an image is encoded
+    exactly as it would be alone, whatever the other images of its batch. (The reference writes
+    ``min(k_l, n_i)``: a small image next to a large one keeps its whole budget in every layer.)
 
     Args:
-        num_valid: (B,) int64 valid (non-padded) tokens per image.
+        valid_counts: B valid (non-padded) token counts (``FlattenedFeatures.valid_token_counts``).
         keep_ratio: rho in (0, 1].
         layer_keep_factors: c_l in (0, 1], one per layer.
-        max_valid: an upper bound of ``num_valid`` known without reading it (the token count
-            N), used while ``torch.export`` traces (also under ``torch.onnx.export``), where
-            the counts cannot be read: ``K`` is then the budget of an image with ``max_valid``
-            valid tokens, exact for an image without padding (an exported single image); an
-            image with padding then gathers more tokens than it writes, with the same result.
-            Not used otherwise (eager, ``torch.compile``).
 
     Returns:
-        ``(layer_sizes, budgets)``: k_l per layer (python ints), and (num_layers, B) int64 b_il.
+        ``(layer_sizes, budgets)``: k_l per layer, and b_il as ``budgets[l][i]``, Python ints.
     """
-    num_valid = num_valid.long()
-    focus = (torch.floor(num_valid.double() * keep_ratio).long() + 1).minimum(num_valid)
-    if max_valid is not None and torch.compiler.is_exporting():
-        max_focus = max(min(math.floor(max_valid * keep_ratio) + 1, max_valid), 1)
-    else:
-        max_focus = max(int(focus.max()), 1) if focus.numel() > 0 else 1
+    # Python floats are float64: the products round exactly as float64 tensor arithmetic
+    focus = [min(math.floor(int(count) * keep_ratio) + 1, int(count)) for count in valid_counts]
+    max_focus = max(max(focus, default=1), 1)
     layer_sizes = [max(1, int(factor * max_focus)) for factor in layer_keep_factors]
     budgets = [
-        torch.floor(focus.double() * factor).long().clamp(min=1).minimum(focus)
+        [min(max(math.floor(count * factor), 1), count) for count in focus]
         for factor in layer_keep_factors
     ]
-    return layer_sizes, torch.stack(budgets)
+    return layer_sizes, budgets
 
 
 def fine_grained_scores(

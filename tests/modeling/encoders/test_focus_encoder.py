@@ -28,7 +28,9 @@ def select_images(features, images):
     """The features of some images of a batch (the level geometry is shared)."""
     batched = ("tokens", "pos", "padding_mask", "valid_ratios", "proposals", "proposal_valid")
     return dataclasses.replace(
-        features, **{name: getattr(features, name)[images] for name in batched}
+        features,
+        valid_token_counts=features.valid_token_counts[images],
+        **{name: getattr(features, name)[images] for name in batched},
     )
 
 
@@ -50,13 +52,15 @@ def index_sets(output, image):
 
 
 def test_budgets_exact():
-    sizes, budgets = compute_token_budgets(torch.tensor([80, 26]), 0.5, FACTORS)
+    sizes, budgets = compute_token_budgets((80, 26), 0.5, FACTORS)
     # n = (41, 14), K = 41
     assert sizes == [41, 32, 24, 24, 16, 8]
-    assert budgets.tolist() == [[41, 14], [32, 11], [24, 8], [24, 8], [16, 5], [8, 2]]
+    assert budgets == [[41, 14], [32, 11], [24, 8], [24, 8], [16, 5], [8, 2]]
     # rho = 1: n_i is clamped to the valid count; an empty image writes nothing
-    sizes, budgets = compute_token_budgets(torch.tensor([3, 0]), 1.0, (1.0, 0.2))
-    assert sizes == [3, 1] and budgets.tolist() == [[3, 0], [1, 0]]
+    sizes, budgets = compute_token_budgets([3, 0], 1.0, (1.0, 0.2))
+    assert sizes == [3, 1] and budgets == [[3, 0], [1, 0]]
+    # no image: one token gathered per layer, nothing written
+    assert compute_token_budgets([], 0.5, (1.0, 0.5)) == ([1, 1], [[], []])
 
 
 def test_cascade_budgets_and_writes_on_two_images():

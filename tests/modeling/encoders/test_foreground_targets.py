@@ -134,8 +134,7 @@ def test_batch_equals_images_alone():
 def test_crowded_image_full_resolution_is_bounded():
     """
     800 x 1333 input, M = 500: a dense (N, M, 4) float tensor would be 178 MB; the chunked
-    computation gives the same targets whatever the bound of its temporaries (its timing is
-    printed by ``python -m focus_detr.tools.benchmark_foreground_targets``).
+    computation gives the same targets whatever the bound of its temporaries.
     """
     torch.manual_seed(0)
     shapes = [(100, 167), (50, 84), (25, 42), (13, 21)]
@@ -199,11 +198,3 @@ def test_foreground_loss_module_applies_weight():
         ForegroundLoss(num_levels=2, ranges=[(-1, 8), (8, math.inf)], weight=-1)
     with pytest.raises(ValueError, match="one size range per level"):
         ForegroundLoss(num_levels=3, ranges=[(-1, 8), (8, math.inf)])
-
-
-def test_benchmark_script_runs(capsys):
-    from focus_detr.tools import benchmark_foreground_targets
-
-    benchmark_foreground_targets.main(["--boxes", "20", "--batch", "1", "--repeats", "1"])
-    out = capsys.readouterr().out
-    assert "1 images x 20 boxes" in out and "22223 tokens" in out and "median" in out

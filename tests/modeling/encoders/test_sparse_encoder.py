@@ -63,7 +63,7 @@ def test_points_outside_and_non_finite_are_dropped_and_sums_add_up():
 def test_top_tokens_target():
     attention = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.9]])
     padding = torch.tensor([[False] * 4, [False, False, False, True]])
-    target = top_tokens_target(attention, padding, torch.tensor([2, 1]))
+    target = top_tokens_target(attention, padding, [2, 1])
     assert target.tolist() == [[0, 1, 0, 1], [0, 0, 1, 0]]
 
 
@@ -88,7 +88,7 @@ def test_keeps_the_same_best_tokens_in_every_layer():
     features = helpers.make_features(SHAPES, channels=C, image_sizes=[(32, 32), (16, 24)])
     out = encoder.train()(features, heads)
     # image 0: floor(0.25 * 20) + 1 = 6 tokens; image 1: 8 valid -> 3
-    assert out.extras["counts"].tolist() == [6, 3]
+    assert out.extras["counts"] == (6, 3)
     assert all(indices is out.layer_indices[0] for indices in out.layer_indices)
     assert out.tokens_updated(features.padding_mask).tolist() == [[6, 3]] * 3
     ranking = out.token_scores.detach().masked_fill(features.padding_mask, float("-inf"))
@@ -97,7 +97,7 @@ def test_keeps_the_same_best_tokens_in_every_layer():
     assert changed.sum(1).tolist() == [6, 3]
     assert len(out.extras["aux_outputs"]) == 2  # after layers 0 and 1, not the last
     encoder.keep_ratio = 0.5
-    assert encoder(features, heads).extras["counts"].tolist() == [11, 5]
+    assert encoder(features, heads).extras["counts"] == (11, 5)
 
 
 def test_losses_saliency_target_and_matched_auxiliary_heads():

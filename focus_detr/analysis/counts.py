@@ -1,4 +1,4 @@
-"""FLOPs of a two-stage DETR per part, counted by fvcore on a traced inference."""
+"""Parameters and FLOPs of a two-stage DETR, in total and per part (fvcore)."""
 
 import warnings
 from collections import Counter
@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence
 
 import torch
 from detectron2.utils.analysis import FlopCountAnalysis
+from fvcore.nn import parameter_count
 from torch import nn
 
 from focus_detr.layers.flop_count import ALL_FLOP_HANDLES
@@ -14,10 +15,23 @@ from focus_detr.layers.flop_count import ALL_FLOP_HANDLES
 from .inputs import model_inputs
 from .models import MODEL_PARTS, OTHER_PART
 
-__all__ = ["FlopCount", "count_flops", "count_flops_per_image"]
+__all__ = ["FlopCount", "count_flops", "count_flops_per_image", "count_parameters"]
 
 # detectron2's TracingAdapter holds the detector as its submodule "model".
 _PREFIX = "model."
+
+
+def count_parameters(model: nn.Module) -> Dict[str, int]:
+    """
+    Parameters (elements) of ``model``: ``total``, one entry per :data:`MODEL_PARTS` (the
+    heads an encoder borrows from the query selection count for the query selection, which
+    owns them) and ``other`` (level and denoising embeddings, anything else), so that the parts
+    add up to the total.
+    """
+    counts = parameter_count(model)
+    total = int(counts[""])
+    parts = {part: int(counts.get(part, 0)) for part in MODEL_PARTS}
+    return {"total": total, **parts, OTHER_PART: total - sum(parts.values())}
 
 
 @dataclass

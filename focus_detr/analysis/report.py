@@ -2,7 +2,9 @@
 
 import json
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence, Tuple
+
+from focus_detr.benchmark.report import markdown_table as _table
 
 from .models import MODEL_PARTS, OTHER_PART
 
@@ -15,11 +17,6 @@ def _number(value, digits: int = 2, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:.{digits}f}{suffix}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _parts_table(configs: Sequence[Dict], key: str, scale: float, digits: int) -> List[str]:
@@ -35,61 +32,41 @@ def _parts_table(configs: Sequence[Dict], key: str, scale: float, digits: int) -
     return _table(header, rows)
 
 
-def _per_layer_table(
-    configs: Sequence[Dict], first: str, first_value, values, cell
-) -> Optional[List[str]]:
-    rows = [(config, values(config)) for config in configs]
-    rows = [(config, layer_values) for config, layer_values in rows if layer_values is not None]
-    if not rows:
-        return None
-    layers = max(len(layer_values) for _, layer_values in rows)
+def _per_layer_table(first: str, rows: Sequence[Tuple[str, str, List[str]]]) -> List[str]:
+    """A table of (config, first cell, one cell per layer) rows."""
+    layers = max(len(cells) for _, _, cells in rows)
     header = ["config", first] + [f"layer {index + 1}" for index in range(layers)]
-    body = [
-        [config["name"], first_value(config)]
-        + [cell(config, index, value) for index, value in enumerate(layer_values)]
-        + [""] * (layers - len(layer_values))
-        for config, layer_values in rows
-    ]
+    body = [[name, cell] + cells + [""] * (layers - len(cells)) for name, cell, cells in rows]
     return _table(header, body)
 
 
 def _token_tables(configs: Sequence[Dict]) -> List[str]:
     lines = ["", "## Tokens updated per encoder layer (mean per image, share of valid tokens)", ""]
-    lines += _per_layer_table(
-        configs,
-        "valid tokens",
-        lambda config: _number(config["tokens"]["valid_tokens"], 0),
-        lambda config: config["tokens"]["updated_per_layer"],
-        lambda config, index, value: (
-            f"{value:.0f} ({100 * config['tokens']['updated_share_per_layer'][index]:.1f}%)"
-        ),
-    )
+    rows = []
+    for config in configs:
+        tokens = config["tokens"]
+        shares = zip(tokens["updated_per_layer"], tokens["updated_share_per_layer"])
+        cells = [f"{value:.0f} ({100 * share:.1f}%)" for value, share in shares]
+        rows.append((config["name"], _number(tokens["valid_tokens"], 0), cells))
+    lines += _per_layer_table("valid tokens", rows)
     lines += ["", "## Token quality: share of the ground-truth foreground tokens updated", ""]
-    quality = _per_layer_table(
-        configs,
-        "foreground tokens / image (ranges)",
-        lambda config: (
-            f"{config['token_quality']['foreground_tokens_per_image']:.1f} "
-            f"({', '.join(config['token_quality']['ranges'])})"
-        ),
-        lambda config: (
-            None
-            if config.get("token_quality") is None
-            else config["token_quality"]["foreground_share_per_layer"] or []
-        ),
-        lambda config, index, value: f"{100 * value:.1f}%",
-    )
-    if quality is None:
-        lines += ["Needs ground truth: run on dataset images (--dataset NAME)."]
-    else:
-        lines += [
-            "Foreground tokens: the targets of Focus-DETR's foreground selector (FCOS-style, "
-            "per level object-size ranges: the encoder's own, else the reference ranges), "
-            "pooled over the images. Compare each share with the share of valid tokens the "
-            "layer updates (table above): a selector that ignores the image scores the same.",
-            "",
-        ] + quality
-    return lines
+    rows = []
+    for config in configs:
+        quality = config.get("token_quality")
+        if quality is not None:
+            first = f"{quality['foreground_tokens_per_image']:.1f} ({', '.join(quality['ranges'])})"
+            cells = [f"{100 * value:.1f}%" for value in quality["foreground_share_per_layer"] or []]
+            rows.append((config["name"], first, cells))
+    if not rows:
+        return lines + ["Needs ground truth: run on dataset images (--dataset NAME)."]
+    lines += [
+        "Foreground tokens: the targets of Focus-DETR's foreground selector (FCOS-style, per "
+        "level object-size ranges: the encoder's own, else the reference ranges), pooled over "
+        "the images. Compare each share with the share of valid tokens the layer updates (table "
+        "above): a selector that ignores the image scores the same.",
+        "",
+    ]
+    return lines + _per_layer_table("foreground tokens / image (ranges)", rows)
 
 
 def _speed_table(configs: Sequence[Dict]) -> List[str]:

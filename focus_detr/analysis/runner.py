@@ -7,10 +7,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .counts import count_flops_per_image, count_parameters
 from .evaluation import evaluate_box_ap
-from .flops import count_flops_per_image
 from .inputs import dataset_inputs, random_inputs
-from .memory import cpu_peak_memory_supported, measure_cpu_peak_memory, measure_cuda_peak_memory
+from .measure import (
+    cpu_peak_memory_supported,
+    measure_cpu_peak_memory,
+    measure_latency,
+    measure_peak_memory,
+)
 from .models import (
     AnalysisError,
     AnalyzedConfig,
@@ -18,12 +23,12 @@ from .models import (
     encoder_class,
     encoder_keep_ratio,
     has_keep_ratio,
+    resolve_name,
 )
-from .parameters import count_parameters
-from .timing import measure_latency
 from .tokens import collect_token_statistics
 
 __all__ = ["AnalysisSettings", "analyze_config", "baseline_ratios", "check_sweep"]
+__all__ += ["shared_foreground_ranges"]
 
 logger = logging.getLogger(__name__)
 _GIGA = 1e9
@@ -68,6 +73,28 @@ class AnalysisSettings:
         return random_inputs(self.size or (800, 1333))
 
 
+def shared_foreground_ranges(configs: Sequence[AnalyzedConfig], name: Optional[str] = None):
+    """
+    One definition of the foreground tokens for the token quality of every config: the ranges of
+    the config ``name``, else of the first config whose encoder has foreground ranges (Focus);
+    None when no config has them (each encoder then uses the default ranges).
+    """
+    candidates = configs
+    if name is not None:
+        names, option = [config.name for config in configs], "--foreground-ranges-of"
+        candidates = [configs[names.index(resolve_name(name, names, option=option))]]
+    for config in candidates:
+        model = build_analysis_model(config, torch.device("cpu"))
+        ranges = getattr(getattr(model.encoder, "foreground_loss", None), "ranges", None)
+        if ranges is not None:
+            return [tuple(pair) for pair in ranges]
+        if name is not None:
+            raise AnalysisError(
+                f"--foreground-ranges-of {name}: its encoder has no foreground ranges"
+            )
+    return None
+
+
 def check_sweep(configs: Sequence[AnalyzedConfig]) -> None:
     """AnalysisError unless every config has a test loader and an evaluator and the encoder
     of some config has a keep ratio (checked on the configs, before any model is built)."""
@@ -93,7 +120,7 @@ def _gflops(parts: Dict[str, float]) -> Dict[str, float]:
 
 def _measure_speed(model, inputs, settings: AnalysisSettings, device) -> Dict[str, float]:
     model.to(device)
-    return measure_latency(model, inputs, warmup=settings.warmup, iters=settings.iters).summary()
+    return measure_latency(model, inputs, warmup=settings.warmup, iters=settings.iters)
 
 
 def _sweep(config, model, inputs, settings: AnalysisSettings, result) -> List[Dict]:
@@ -163,7 +190,7 @@ def analyze_config(config: AnalyzedConfig, settings: AnalysisSettings) -> Dict:
         logger.info(f"{config.name}: timing on {device}")
         result["latency"][str(device)] = _measure_speed(model, inputs, settings, device)
         if settings.memory and device.type == "cuda":
-            result["peak_memory_mib"][str(device)] = measure_cuda_peak_memory(model, inputs)
+            result["peak_memory_mib"][str(device)] = measure_peak_memory(model, inputs)
     if settings.sweep_keep_ratios:
         result["sweep"] = _sweep(config, model, inputs, settings, result)
     del model

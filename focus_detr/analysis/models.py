@@ -1,6 +1,5 @@
 """The configs an analysis compares: loading, naming, weights and the model parts counted."""
 
-import inspect
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -11,6 +10,7 @@ from detectron2.utils.registry import locate
 from omegaconf import OmegaConf
 
 from focus_detr.engine import load_for_eval
+from focus_detr.modeling import DETREncoder
 
 __all__ = [
     "MODEL_PARTS",
@@ -112,7 +112,7 @@ def load_analyzed_configs(
     return configs
 
 
-def resolve_name(name: str, names: Sequence[str]) -> str:
+def resolve_name(name: str, names: Sequence[str], *, option: str = "--baseline") -> str:
     """
     ``name`` if it is one of ``names``, else the only name that starts with it (``dino`` for
     ``dino_r50_4scale_12ep``).
@@ -125,7 +125,7 @@ def resolve_name(name: str, names: Sequence[str]) -> str:
     matches = [candidate for candidate in names if candidate.startswith(name)]
     if len(matches) != 1:
         found = "none" if not matches else f"several: {matches}"
-        raise AnalysisError(f"--baseline {name!r} must name one config of {list(names)}; {found}")
+        raise AnalysisError(f"{option} {name!r} must name one config of {list(names)}; {found}")
     return matches[0]
 
 
@@ -147,9 +147,9 @@ def encoder_class(cfg) -> type:
 
 
 def has_keep_ratio(cls: type) -> bool:
-    """Whether encoders of class ``cls`` have a ``keep_ratio`` property (settable after
-    training)."""
-    return isinstance(inspect.getattr_static(cls, "keep_ratio", None), property)
+    """Whether encoders of class ``cls`` have a ``keep_ratio`` that may be changed after
+    training, as the encoder interface declares it (``DETREncoder.has_keep_ratio``)."""
+    return issubclass(cls, DETREncoder) and cls.has_keep_ratio
 
 
 def encoder_keep_ratio(model: torch.nn.Module) -> Optional[float]:

@@ -1,6 +1,6 @@
 """
 The names of a detrex ``projects/focus_detr`` checkpoint and their names in this package, in one
-table (:data:`NAME_TABLE`) read by :mod:`focus_detr.tools.convert_detrex`. To follow a renamed
+table (:data:`NAME_TABLE`) read by :mod:`focus_detr.detrex.convert`. To follow a renamed
 module here, change the target names below; the converter needs no other change.
 """
 

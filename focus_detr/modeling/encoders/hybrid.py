@@ -36,7 +36,16 @@ class HybridEncoder(DETREncoder):
 
     BatchNorm normalizes with the statistics of the training batch (padding included), as in
     RT-DETR; in eval mode with running statistics.
+
+    It declares ``uses_position_embedding = False`` (the model then builds neither the sine
+    embedding nor the level embedding) and ``keeps_own_init = True`` (PyTorch's default
+    initialisation of its convolutions, norms and attention layer, as in RT-DETR, also under
+    the model's reference Xavier initialisation).
     """
+
+    has_keep_ratio = False
+    uses_position_embedding = False
+    keeps_own_init = True
 
     def __init__(
         self,
@@ -77,7 +86,9 @@ class HybridEncoder(DETREncoder):
                 padding masks) or "masked" (in eval mode an image's output does not depend on
                 the images it is batched with, given ``position_layout="row_major"``).
         """
-        super().__init__()
+        # AIFI layers on each of its levels, then the top-down and the bottom-up pass
+        num_layers = len(aifi_levels) * max(num_aifi_layers, 0) + 2
+        super().__init__(embed_dim=embed_dim, num_levels=num_levels, num_layers=num_layers)
         if num_levels < 2:
             raise ValueError(f"the hybrid encoder needs num_levels >= 2, got {num_levels}")
         levels = [level + num_levels if level < 0 else level for level in aifi_levels]
@@ -95,8 +106,6 @@ class HybridEncoder(DETREncoder):
             )
         if padding not in HYBRID_PADDING_MODES:
             raise ValueError(f"padding must be one of {HYBRID_PADDING_MODES}, got {padding!r}")
-        self.embed_dim = embed_dim
-        self.num_levels = num_levels
         self.aifi_levels = sorted(levels) if num_aifi_layers > 0 else []
         self.pe_temperature = pe_temperature
         self.position_layout = position_layout
@@ -122,14 +131,13 @@ class HybridEncoder(DETREncoder):
             norm=norm,
             activation=activation,
         )
-        self.num_layers = len(self.aifi_levels) * num_aifi_layers + 2
 
     def forward(
         self, features: FlattenedFeatures, shared_heads: Mapping[str, nn.Module]
     ) -> EncoderOutput:
         """
         Args:
-            features: flattened tokens and geometry (``pos`` unused).
+            features: flattened tokens and geometry (``pos`` unused, None in the model).
             shared_heads: unused (the hybrid encoder needs none).
 
         Returns:

@@ -1,8 +1,9 @@
 # The demo (focus_detr_demo_shapes.py) with RT-DETR's hybrid encoder: same data, schedule,
 # backbone, decoder and sizes (128 channels, 4 heads, FFN 256) on the three backbone levels, as
-# RT-DETR: AIFI (one layer) on the stride-32 map, CCFF with 3 RepVGG blocks per CSP layer; the
-# neck is RT-DETR's input projection (1x1 conv + batch norm, no extra level) and the decoder
-# samples 3 levels. Plain batch norm: one process's batches of 8 images.
+# RT-DETR: AIFI (one layer) on the stride-32 map, CCFF with 3 RepVGG blocks per CSP layer at
+# expansion 0.5 (RT-DETR's setting for its smallest backbone, ResNet-18; the demo's is narrower
+# still); the neck is RT-DETR's input projection (1x1 conv + batch norm, no extra level) and the
+# decoder samples 3 levels. Plain batch norm: one process's batches of 8 images.
 from detectron2.config import LazyCall as L
 
 from focus_detr.modeling import HybridEncoder
@@ -20,6 +21,7 @@ model.encoder = L(HybridEncoder)(
     num_heads=4,
     ffn_dim=256,
     num_blocks=3,
+    expansion=0.5,
     norm="BN",
     # Departures from RT-DETR (docs/differences_from_reference.md), as the Focus demo takes its
     # own: the demo's batches mix aspect ratios, so the maps are rarely square and padded.

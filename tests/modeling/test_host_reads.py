@@ -64,7 +64,9 @@ def test_demo_models_read_nothing_back_at_inference(name):
     assert reads == {"encoder": {}, "query_selection": {}, "decoder": {}}
 
 
-@pytest.mark.parametrize("encoder", ["focus", "sparse", "dense", "lite", "lite_key_aware", "hybrid"])
+@pytest.mark.parametrize(
+    "encoder", ["focus", "sparse", "dense", "lite", "lite_key_aware", "hybrid"]
+)
 def test_batches_with_padding_read_nothing_back(encoder):
     # two images of different sizes: padding, per-image budgets
     model = _key_aware_lite() if encoder == "lite_key_aware" else build_tiny_model(encoder=encoder)

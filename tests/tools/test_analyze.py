@@ -230,16 +230,23 @@ def test_a_three_level_hybrid_next_to_focus(tiny, tmp_path, capsys):
         for item in inputs:
             _, details = model.inference([{"image": item["image"]}], return_details=True)
             features = details.features
-            foreground = compute_foreground_targets(
-                [item["instances"].gt_boxes.tensor],
-                features.level_shapes,
-                features.strides,
-                FOCUS_RANGES[:2] + [(24.0, float("inf"))],
-            ).bool() & ~features.padding_mask
+            foreground = (
+                compute_foreground_targets(
+                    [item["instances"].gt_boxes.tensor],
+                    features.level_shapes,
+                    features.strides,
+                    FOCUS_RANGES[:2] + [(24.0, float("inf"))],
+                ).bool()
+                & ~features.padding_mask
+            )
             starts = features.level_starts
             total += int(foreground.sum())
             covered += torch.stack(
-                [foreground[:, starts[2] :].sum(), foreground.sum(), foreground[:, starts[1] :].sum()]
+                [
+                    foreground[:, starts[2] :].sum(),
+                    foreground.sum(),
+                    foreground[:, starts[1] :].sum(),
+                ]
             )
     quality = result["token_quality"]
     assert quality["foreground_tokens"] == total > 0

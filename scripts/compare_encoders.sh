@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The encoder comparison on the built-in dataset (docs/benchmarks.md, "Encoders compared"):
-# trains the four demo-size encoders (dense DINO, Sparse DETR, Lite DETR, Focus) with the demo's
-# schedule on one decoder, then measures them with the analysis tool: AP, AP50, GFLOPs, latency,
-# tokens updated per layer, token quality, and the keep-ratio sweep of Focus and Sparse DETR (AP
-# against GFLOPs).
+# trains the five demo-size encoders (dense DINO, Sparse DETR, Lite DETR, Focus, RT-DETR's hybrid
+# encoder on 3 levels) with the demo's schedule on one decoder, then measures them with the
+# analysis tool: AP, AP50, GFLOPs, latency, tokens updated per layer, token quality (the Focus
+# config's foreground ranges for all; the 3-level model takes the finest three), and the
+# keep-ratio sweep of Focus and Sparse DETR (AP against GFLOPs).
 #     bash scripts/compare_encoders.sh [OUTPUT_DIR] [config overrides for training]
 # A model already trained in OUTPUT_DIR (its model_final.pth exists) is reused, not retrained.
-# Every encoder trains in float32 (train.amp.enabled=False) so that the four runs compute alike on
+# Every encoder trains in float32 (train.amp.enabled=False) so that the five runs compute alike on
 # any CPU ("auto" picks bfloat16 where the CPU has it). Override it after OUTPUT_DIR like any
 # config value.
 set -euo pipefail
@@ -19,12 +20,13 @@ cd "$ROOT"
 OUTPUT_DIR="${1:-output/compare_encoders}"
 shift || true
 
-NAMES=(focus dino sparse lite)
+NAMES=(focus dino sparse lite hybrid)
 CONFIGS=(
   configs/focus_detr_demo_shapes.py
   configs/dino_demo_shapes.py
   configs/sparse_detr_demo_shapes.py
   configs/lite_detr_demo_shapes.py
+  configs/rtdetr_hybrid_demo_shapes.py
 )
 WEIGHTS=()
 for i in "${!NAMES[@]}"; do

@@ -38,7 +38,9 @@ def shrink_model_config(model, *, num_classes: Optional[int] = 3, hidden_dim: in
 
     The backbone becomes a ResNet-18 when it is the ResNet of the R50 config; the transformer
     gets ``hidden_dim`` channels, 4 heads, 2 points, 2 + 2 layers, 20 queries and 6 denoising
-    queries. ``num_classes=None`` keeps the config's classes.
+    queries. The encoder gets only the sizes it has (RT-DETR's hybrid encoder: 4 heads, FFN
+    2 * hidden_dim, 2 RepVGG blocks per CSP layer). ``num_classes=None`` keeps the config's
+    classes.
     """
     stages = model.backbone.get("stages")
     if stages is not None and "depth" in stages:
@@ -48,14 +50,15 @@ def shrink_model_config(model, *, num_classes: Optional[int] = 3, hidden_dim: in
     if num_classes is not None:
         model.num_classes = num_classes
     model.hidden_dim = hidden_dim
-    model.neck.num_groups = 8
+    if "num_groups" in model.neck:
+        model.neck.num_groups = 8
     model.num_select = 10
     encoder = model.encoder
-    encoder.num_heads = 4
-    encoder.num_points = 2
-    encoder.ffn_dim = 2 * hidden_dim
     # only the sizes this kind of encoder has
     tiny_encoder = {
+        "num_heads": 4,
+        "num_points": 2,
+        "ffn_dim": 2 * hidden_dim,
         "num_layers": 2,
         "layer_keep_factors": (1.0, 0.5),
         "topk_sa": 16,
@@ -83,13 +86,15 @@ ENCODER_MODEL_CONFIGS = {
     "dense": CONFIG_DIR / "common" / "models" / "dino_r50.py",
     "sparse": CONFIG_DIR / "common" / "models" / "sparse_detr_r50.py",
     "lite": CONFIG_DIR / "common" / "models" / "lite_detr_r50.py",
+    "hybrid": CONFIG_DIR / "common" / "models" / "rtdetr_hybrid_r50.py",
 }
 
 
 def tiny_model_config(*, num_classes: int = 3, hidden_dim: int = 32, encoder: str = "focus"):
     """
     The LazyConfig node of a tiny two-stage DETR (see :func:`shrink_model_config`) with the
-    ``encoder`` of :data:`ENCODER_MODEL_CONFIGS` ("focus", "dense", "sparse" or "lite").
+    ``encoder`` of :data:`ENCODER_MODEL_CONFIGS` ("focus", "dense", "sparse", "lite" or
+    "hybrid").
     """
     return shrink_model_config(
         LazyConfig.load(str(ENCODER_MODEL_CONFIGS[encoder])).model,

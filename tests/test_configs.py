@@ -23,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # Configs of other backbones (RegNet, Swin, ViT, ...) are tested by their authors: this file only
 # knows how to shrink the ResNet configs and the demo.
 _CONFIG_NAME = re.compile(
-    r"^(focus_detr|dino|sparse_detr|lite_detr)_"
-    r"(r50_(\w+_)?4scale_\d+ep|r101_4scale_\d+ep|demo_\w+)\.py$"
+    r"^(focus_detr|dino|sparse_detr|lite_detr|rtdetr_hybrid)_"
+    r"(r50_(\w+_)?[34]scale_\d+ep|r101_4scale_\d+ep|demo_\w+)\.py$"
 )
 CONFIG_FILES = sorted(name for name in os.listdir(CONFIG_DIR) if _CONFIG_NAME.match(name))
 COCO_CONFIGS = [name for name in CONFIG_FILES if "demo" not in name]
@@ -56,6 +56,32 @@ def test_encoder_configs_differ_only_in_the_encoder(variant):
             cfg.train.output_dir = "./output"
         assert LazyConfig.to_py(other) == LazyConfig.to_py(focus), kind
         focus = _load(ENCODER_CONFIGS["focus"].format(variant))
+
+
+@pytest.mark.parametrize(
+    "hybrid, focus", [("r50_3scale_12ep", "r50_4scale_12ep"), ("demo_shapes", "demo_shapes")]
+)
+def test_hybrid_configs_differ_in_the_encoder_neck_and_level_count(hybrid, focus):
+    """RT-DETR's design on the shared model: its encoder, its input projection as the neck (batch
+    norm, no extra level) and 3 levels in the decoder; data, schedule and the rest are shared."""
+    hybrid_cfg = _load(f"rtdetr_hybrid_{hybrid}.py")
+    focus_cfg = _load(ENCODER_CONFIGS["focus"].format(focus))
+    model = hybrid_cfg.model
+    assert model.encoder._target_.__name__ == "HybridEncoder"
+    assert model.neck.norm in ("BN", "SyncBN") and model.neck.num_extra_levels == 0
+    assert "num_groups" not in model.neck and model.encoder.norm == model.neck.norm
+    assert model.decoder.num_levels == model.encoder.num_levels == 3
+    if hybrid.startswith("r50"):
+        # RT-DETR's R50 settings and behaviour
+        assert model.encoder.ffn_dim == 1024 and model.encoder.num_heads == 8
+        assert (model.encoder.position_layout, model.encoder.padding) == ("column_major", "visible")
+    for cfg in (hybrid_cfg, focus_cfg):
+        cfg.model.pop("encoder")
+        for key in ("norm", "num_extra_levels", "num_groups"):
+            cfg.model.neck.pop(key, None)
+        cfg.model.decoder.pop("num_levels")
+        cfg.train.output_dir = "./output"
+    assert LazyConfig.to_py(hybrid_cfg) == LazyConfig.to_py(focus_cfg)
 
 
 @pytest.mark.parametrize(
@@ -122,7 +148,7 @@ def test_config_loads_with_every_section(name):
 
 @pytest.mark.parametrize("name", COCO_CONFIGS)
 def test_coco_config_schedule_and_backbone(name):
-    match = re.match(r"\w+_r(\d+)_(?:\w+_)?4scale_(\d+)ep\.py", name)
+    match = re.match(r"\w+_r(\d+)_(?:\w+_)?[34]scale_(\d+)ep\.py", name)
     depth, epochs = int(match.group(1)), int(match.group(2))
     cfg = _load(name)
     assert cfg.model.backbone.stages.depth == depth

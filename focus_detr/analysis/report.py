@@ -61,9 +61,11 @@ def _token_tables(configs: Sequence[Dict]) -> List[str]:
         return lines + ["Needs ground truth: run on dataset images (--dataset NAME)."]
     lines += [
         "Foreground tokens: the targets of Focus-DETR's foreground selector (FCOS-style, per "
-        "level object-size ranges: the encoder's own, else the reference ranges), pooled over "
-        "the images. Compare each share with the share of valid tokens the layer updates (table "
-        "above): a selector that ignores the image scores the same.",
+        "level object-size ranges: those of one config for all, else each encoder's own or the "
+        "reference ranges; a model with fewer levels takes the finest ranges, its coarsest level "
+        "every larger object), pooled over the images. Compare each share with the share of "
+        "valid tokens the layer updates (table above): a selector that ignores the image scores "
+        "the same.",
         "",
     ]
     return lines + _per_layer_table("foreground tokens / image (ranges)", rows)

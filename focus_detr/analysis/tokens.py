@@ -18,6 +18,7 @@ __all__ = [
     "TokenStatistics",
     "collect_token_statistics",
     "foreground_coverage",
+    "fit_size_ranges",
     "foreground_size_ranges",
     "foreground_token_mask",
 ]
@@ -28,6 +29,30 @@ def foreground_size_ranges(encoder: nn.Module, num_levels: int) -> List[Tuple[fl
     :func:`~focus_detr.modeling.default_size_ranges`."""
     ranges = getattr(getattr(encoder, "foreground_loss", None), "ranges", None)
     return [tuple(pair) for pair in (ranges or default_size_ranges(num_levels))]
+
+
+def fit_size_ranges(
+    ranges: Sequence[Tuple[float, float]], num_levels: int
+) -> List[Tuple[float, float]]:
+    """
+    The object-size ranges of a model with ``num_levels`` levels, finest first, from ranges
+    defined for as many or more levels (e.g. the 4 ranges of a 4-level Focus model for a
+    3-level RT-DETR model, both from stride 8): the finest ``num_levels`` ranges, the last of
+    them extended to the upper bound of the last range (as in FCOS, the coarsest level takes
+    every larger object).
+
+    Raises:
+        ValueError: naming the values when there are fewer ranges than levels.
+    """
+    ranges = [tuple(pair) for pair in ranges]
+    if len(ranges) < num_levels:
+        raise ValueError(
+            f"{len(ranges)} foreground size ranges {ranges} cannot define the foreground tokens "
+            f"of {num_levels} levels"
+        )
+    fitted = ranges[:num_levels]
+    fitted[-1] = (fitted[-1][0], ranges[-1][1])
+    return fitted
 
 
 def foreground_token_mask(
@@ -141,8 +166,8 @@ def collect_token_statistics(
     Run ``model.inference(..., return_details=True)`` on every input (batch 1) and collect
     what the encoder updated. When every input has ground-truth ``instances`` (in the resized
     image, as a dataset mapper in training mode gives them), the foreground tokens are those of
-    :func:`foreground_token_mask` with ``ranges`` (default: :func:`foreground_size_ranges` of
-    the encoder).
+    :func:`foreground_token_mask` with ``ranges`` (fitted to the model's level count by
+    :func:`fit_size_ranges`; default: :func:`foreground_size_ranges` of the encoder).
     """
     if model.training:
         raise ValueError("collect token statistics of a model in eval mode")
@@ -155,7 +180,7 @@ def collect_token_statistics(
             foreground = None
             if with_truth:
                 statistics.ranges = (
-                    [tuple(pair) for pair in ranges]
+                    fit_size_ranges(ranges, features.num_levels)
                     if ranges is not None
                     else foreground_size_ranges(model.encoder, features.num_levels)
                 )

@@ -46,10 +46,11 @@ class TwoStageDETR(nn.Module):
     A two-stage DETR as a detectron2 meta-architecture (DINO's recipe with any encoder). Any
     detectron2 ``Backbone`` feeds a neck (e.g. ``MultiScaleNeck``, built from the backbone's
     ``output_shape()``) or the encoder directly; the flattened multi-scale tokens go through an
-    encoder (dense DINO, Focus, Sparse DETR, Lite DETR: any :class:`DETREncoder`); two-stage
-    query selection and contrastive denoising feed a DINO decoder. Training returns the weighted
-    losses of the decoder, the two-stage selection, the denoising queries and whatever the
-    encoder adds; inference returns ``[{"instances": Instances}]``.
+    encoder (dense DINO, Focus, Sparse DETR, Lite DETR, RT-DETR's hybrid encoder: any
+    :class:`DETREncoder`); two-stage query selection and contrastive denoising feed a DINO
+    decoder. Training returns the weighted losses of the decoder, the two-stage selection, the
+    denoising queries and whatever the encoder adds; inference returns
+    ``[{"instances": Instances}]``.
 
     Focus-DETR is this class with a ``FocusEncoder`` (``FocusDETR`` is an alias).
     """
@@ -90,13 +91,17 @@ class TwoStageDETR(nn.Module):
                 or None: every backbone output, finest first, goes straight to the encoder and
                 must have ``hidden_dim`` channels.
             position_embedding: module mapping (B, H, W) masks to (B, hidden_dim, H, W);
-                default sine embedding with hidden_dim / 2 features per axis.
+                default sine embedding with hidden_dim / 2 features per axis. With an encoder
+                that declares ``uses_position_embedding=False`` (nothing else reads the
+                position embedding) the model has neither it nor the level embedding
+                (``position_embedding`` and ``level_embed`` are None), and this must be None.
             num_select: detections kept per image at inference (at most the decoder queries).
             pixel_mean, pixel_std: normalization in ``input_format`` channel order.
             input_format: "RGB" or "BGR".
             transformer_init: "xavier" (reference): Xavier-uniform init of every weight matrix
-                of the encoder, decoder layers and query selection, then each attention module's
-                own init; "module": every module keeps its own initialisation.
+                of the encoder (unless it declares ``keeps_own_init``), decoder layers and query
+                selection, then each attention module's own init; "module": every module keeps
+                its own initialisation.
             channels_last: run the backbone and the neck in the channels-last memory format
                 (their weights and the input images): oneDNN's convolutions and pooling are
                 faster so on CPUs (measured: ResNet-18 backbone + neck forward and backward
@@ -133,10 +138,18 @@ class TwoStageDETR(nn.Module):
                 f"{type(encoder).__name__} needs shared heads {missing}; the query selection "
                 f"offers {sorted(available)}"
             )
-        self.position_embedding = position_embedding or PositionEmbeddingSine(
-            num_pos_feats=hidden_dim // 2
-        )
-        self.level_embed = nn.Parameter(torch.empty(len(self._strides), hidden_dim))
+        self.position_embedding: Optional[nn.Module] = None
+        self.level_embed: Optional[nn.Parameter] = None
+        if encoder.uses_position_embedding:
+            self.position_embedding = position_embedding or PositionEmbeddingSine(
+                num_pos_feats=hidden_dim // 2
+            )
+            self.level_embed = nn.Parameter(torch.empty(len(self._strides), hidden_dim))
+        elif position_embedding is not None:
+            raise ValueError(
+                f"{type(encoder).__name__} does not use a position embedding "
+                f"(uses_position_embedding=False); got position_embedding={position_embedding!r}"
+            )
         self.encoder = encoder
         self.decoder = decoder
         self.query_selection = query_selection
@@ -151,7 +164,8 @@ class TwoStageDETR(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if transformer_init == "xavier":
             reference_transformer_init(self)
-        nn.init.normal_(self.level_embed)
+        if self.level_embed is not None:
+            nn.init.normal_(self.level_embed)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
             if self.neck is not None:
@@ -213,7 +227,9 @@ class TwoStageDETR(nn.Module):
         padded_size = (images.tensor.shape[-2], images.tensor.shape[-1])
         level_shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
         masks = level_padding_masks(images.image_sizes, padded_size, level_shapes, self.device)
-        positions = [self.position_embedding(mask, maps[0].dtype) for mask in masks]
+        positions = None
+        if self.position_embedding is not None:
+            positions = [self.position_embedding(mask, maps[0].dtype) for mask in masks]
         return flatten_levels(
             maps,
             masks,

@@ -1,7 +1,7 @@
 """Padding masks, flattening, valid ratios, proposals and reference points of multi-scale maps."""
 
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -156,8 +156,8 @@ def generate_proposals(
 def flatten_levels(
     features: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor],
-    positions: Sequence[torch.Tensor],
-    level_embed: torch.Tensor,
+    positions: Optional[Sequence[torch.Tensor]],
+    level_embed: Optional[torch.Tensor],
     *,
     strides: Sequence[int],
     padded_size: Tuple[int, int],
@@ -169,8 +169,9 @@ def flatten_levels(
         features: L tensors (B, C, h_l, w_l), finest first.
         masks: L bool tensors (B, h_l, w_l), True on padding: ``level_padding_masks`` of
             ``image_sizes``.
-        positions: L position embeddings (B, C, h_l, w_l).
-        level_embed: (L, C) learned level embedding.
+        positions: L position embeddings (B, C, h_l, w_l), or None for an encoder that uses
+            none (then ``level_embed`` is None too, and ``pos`` is None).
+        level_embed: (L, C) learned level embedding, or None.
         strides: L nominal strides of the levels.
         padded_size: (H, W) of the padded input batch.
         image_sizes: (h, w) of every image before padding (``ImageList.image_sizes``).
@@ -179,43 +180,54 @@ def flatten_levels(
     Returns:
         :class:`FlattenedFeatures`.
     """
-    if not len(features) == len(masks) == len(positions) == level_embed.shape[0] == len(strides):
+    if (positions is None) != (level_embed is None):
+        raise ValueError(
+            "positions and level_embed must both be given or both be None, got "
+            f"{'None' if positions is None else len(positions)} positions and "
+            f"{'None' if level_embed is None else tuple(level_embed.shape)} level embeddings"
+        )
+    num_positions = len(features) if positions is None else len(positions)
+    num_embeddings = len(features) if level_embed is None else level_embed.shape[0]
+    if not len(features) == len(masks) == num_positions == num_embeddings == len(strides):
         raise ValueError(
             f"need one mask, position embedding, level embedding and stride per level: got "
-            f"{len(features)} levels, {len(masks)} masks, {len(positions)} positions, "
-            f"{level_embed.shape[0]} level embeddings, strides {list(strides)}"
+            f"{len(features)} levels, {len(masks)} masks, {num_positions} positions, "
+            f"{num_embeddings} level embeddings, strides {list(strides)}"
         )
     if len(image_sizes) != features[0].shape[0]:
         raise ValueError(
             f"need one image size per image: {len(image_sizes)} sizes for a batch of "
             f"{features[0].shape[0]}"
         )
-    for level, (feature, mask, position) in enumerate(zip(features, masks, positions)):
+    for level, (feature, mask) in enumerate(zip(features, masks)):
         batch, _, height, width = feature.shape
-        if mask.shape != (batch, height, width) or position.shape != feature.shape:
+        position_shape = feature.shape if positions is None else positions[level].shape
+        if mask.shape != (batch, height, width) or position_shape != feature.shape:
             raise ValueError(
                 f"level {level}: features {tuple(feature.shape)} need a mask "
                 f"({batch}, {height}, {width}) and a position embedding of the same shape, got "
-                f"{tuple(mask.shape)} and {tuple(position.shape)}"
+                f"{tuple(mask.shape)} and {tuple(position_shape)}"
             )
     dtype = features[0].dtype
     # geometry (ratios, proposals) in at least float32, also under bfloat16 autocast
     geometry_dtype = torch.promote_types(dtype, torch.float32)
     level_shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
     tokens = torch.cat([feature.flatten(2).transpose(1, 2) for feature in features], dim=1)
-    pos = torch.cat(
-        [
-            position.flatten(2).transpose(1, 2) + level_embed[level].view(1, 1, -1)
-            for level, position in enumerate(positions)
-        ],
-        dim=1,
-    )
+    pos = None
+    if positions is not None:
+        pos = torch.cat(
+            [
+                position.flatten(2).transpose(1, 2) + level_embed[level].view(1, 1, -1)
+                for level, position in enumerate(positions)
+            ],
+            dim=1,
+        ).to(dtype)
     proposals, proposal_valid = generate_proposals(
         masks, geometry_dtype, base_scale=proposal_base_scale
     )
     return FlattenedFeatures(
         tokens=tokens,
-        pos=pos.to(dtype),
+        pos=pos,
         padding_mask=torch.cat([mask.flatten(1) for mask in masks], dim=1),
         level_shapes=level_shapes,
         strides=tuple(strides),

@@ -10,19 +10,27 @@ import functools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from detectron2.layers import ShapeSpec
+from detectron2.layers import ShapeSpec, get_norm
 from torch import nn
 
-__all__ = ["MultiScaleNeck", "neck_from_backbone", "resolve_neck"]
+__all__ = ["NECK_NORMS", "MultiScaleNeck", "neck_from_backbone", "resolve_neck"]
+
+# "GN": GroupNorm (Deformable DETR, DINO); the others: detectron2's batch norms (RT-DETR's input
+# projection is a 1x1 conv without bias + BatchNorm).
+NECK_NORMS = ("GN", "BN", "SyncBN", "FrozenBN")
 
 NeckBuilder = Callable[..., nn.Module]
 
 
 class MultiScaleNeck(nn.Module):
     """
-    One 1x1 conv + GroupNorm per backbone level, then ``num_extra_levels`` levels made by 3x3
-    stride-2 conv + GroupNorm, the first on the last backbone output and the others on the
-    previous extra level. Channels and strides come from the backbone's ``output_shape()``.
+    One 1x1 conv + norm per backbone level, then ``num_extra_levels`` levels made by 3x3
+    stride-2 conv + norm, the first on the last backbone output and the others on the previous
+    extra level. Channels and strides come from the backbone's ``output_shape()``.
+
+    The norm is GroupNorm (Deformable DETR, DINO: convs with bias) or a batch norm (RT-DETR's
+    input projection: ``norm="BN"``, ``num_extra_levels=0``; convs without bias, which the
+    batch norm's mean would cancel).
     """
 
     def __init__(
@@ -33,6 +41,7 @@ class MultiScaleNeck(nn.Module):
         out_channels: int = 256,
         num_extra_levels: int = 1,
         num_groups: int = 32,
+        norm: str = "GN",
     ):
         """
         Args:
@@ -40,7 +49,9 @@ class MultiScaleNeck(nn.Module):
             in_features: backbone outputs to use, finest first (e.g. ``["res3", "res4", "res5"]``).
             out_channels: channels of every output level.
             num_extra_levels: stride-2 levels appended after the last backbone level.
-            num_groups: GroupNorm groups; must divide ``out_channels``.
+            num_groups: GroupNorm groups; must divide ``out_channels`` (``norm="GN"`` only).
+            norm: one of :data:`NECK_NORMS`: "GN", or detectron2's "BN", "SyncBN" (batch
+                statistics over all processes) or "FrozenBN".
         """
         super().__init__()
         if len(in_features) == 0:
@@ -52,7 +63,9 @@ class MultiScaleNeck(nn.Module):
             )
         if num_extra_levels < 0:
             raise ValueError(f"num_extra_levels must be >= 0, got {num_extra_levels}")
-        if out_channels % num_groups != 0:
+        if norm not in NECK_NORMS:
+            raise ValueError(f"norm must be one of {NECK_NORMS}, got {norm!r}")
+        if norm == "GN" and out_channels % num_groups != 0:
             raise ValueError(f"num_groups={num_groups} must divide out_channels={out_channels}")
         strides = [input_shapes[name].stride for name in in_features]
         if any(stride is None for stride in strides) or strides != sorted(strides):
@@ -61,10 +74,18 @@ class MultiScaleNeck(nn.Module):
             )
         self.in_features = list(in_features)
         self.out_channels = out_channels
+        self.norm = norm
+        bias = norm == "GN"
+
+        def make_norm() -> nn.Module:
+            if norm == "GN":
+                return nn.GroupNorm(num_groups, out_channels)
+            return get_norm(norm, out_channels)
+
         self.projections = nn.ModuleList(
             nn.Sequential(
-                nn.Conv2d(input_shapes[name].channels, out_channels, kernel_size=1),
-                nn.GroupNorm(num_groups, out_channels),
+                nn.Conv2d(input_shapes[name].channels, out_channels, kernel_size=1, bias=bias),
+                make_norm(),
             )
             for name in in_features
         )
@@ -73,8 +94,10 @@ class MultiScaleNeck(nn.Module):
         for _ in range(num_extra_levels):
             extra.append(
                 nn.Sequential(
-                    nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1),
-                    nn.GroupNorm(num_groups, out_channels),
+                    nn.Conv2d(
+                        in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=bias
+                    ),
+                    make_norm(),
                 )
             )
             in_channels = out_channels
@@ -85,7 +108,8 @@ class MultiScaleNeck(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.xavier_uniform_(module.weight, gain=1)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     @property
     def num_levels(self) -> int:

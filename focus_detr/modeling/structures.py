@@ -34,7 +34,8 @@ class FlattenedFeatures:
 
     Attributes:
         tokens: (B, N, C) neck features.
-        pos: (B, N, C) sine position embedding plus the learned level embedding.
+        pos: (B, N, C) sine position embedding plus the learned level embedding, or None when
+            the encoder declares that it does not use it (``uses_position_embedding``).
         padding_mask: (B, N) bool, True on tokens outside the image (batch padding).
         level_shapes: L pairs ``(h_l, w_l)`` of Python ints, finest level first.
         strides: L nominal strides (input pixels per cell), e.g. (8, 16, 32, 64).
@@ -53,7 +54,7 @@ class FlattenedFeatures:
     """
 
     tokens: torch.Tensor
-    pos: torch.Tensor
+    pos: Optional[torch.Tensor]
     padding_mask: torch.Tensor
     level_shapes: Tuple[Tuple[int, int], ...]
     strides: Tuple[int, ...]

@@ -21,13 +21,15 @@ def reference_transformer_init(model: nn.Module) -> None:
     module's own initialisation again (zero offsets on a ring, zero attention weights), and each
     encoder's head initialisation (``reset_head_parameters``). The class and box heads of the
     decoder and of the two-stage selection, the label embedding of the denoising queries and
-    the neck keep their own initialisation, as in the reference.
+    the neck keep their own initialisation, as in the reference; so does an encoder that
+    declares ``keeps_own_init`` (RT-DETR's hybrid encoder: its reference keeps PyTorch's
+    initialisation of the convolutions and of the attention layer).
 
     Args:
         model: a ``TwoStageDETR``.
     """
-    parts: List[nn.Module] = [
-        model.encoder,
+    encoder_parts: List[nn.Module] = [] if model.encoder.keeps_own_init else [model.encoder]
+    parts: List[nn.Module] = encoder_parts + [
         model.decoder.layers,
         model.decoder.ref_point_head,
         model.query_selection.memory_projection,

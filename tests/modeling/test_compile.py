@@ -12,7 +12,7 @@ from helpers import CONFIG_DIR, build_tiny_model, make_batched_inputs, make_imag
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEMO_CONFIGS = ("dino", "focus_detr", "sparse_detr", "lite_detr")
+DEMO_CONFIGS = ("dino", "focus_detr", "sparse_detr", "lite_detr", "rtdetr_hybrid")
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def _assert_same_detections(expected, actual, *, box_atol: float, score_atol: fl
             assert match.any(), f"no compiled detection matches {label}, {box}, {score}"
 
 
-@pytest.mark.parametrize("encoder", ["focus", "sparse", "dense", "lite"])
+@pytest.mark.parametrize("encoder", ["focus", "sparse", "dense", "lite", "hybrid"])
 def test_compiled_model_gives_the_eager_detections(encoder):
     model = build_tiny_model(encoder=encoder).eval()
     inputs = make_batched_inputs()

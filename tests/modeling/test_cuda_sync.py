@@ -30,7 +30,9 @@ def no_synchronisation():
 
 
 @requires_cuda
-@pytest.mark.parametrize("encoder", ["focus", "sparse", "dense", "lite", "lite_key_aware"])
+@pytest.mark.parametrize(
+    "encoder", ["focus", "sparse", "dense", "lite", "lite_key_aware", "hybrid"]
+)
 def test_inference_does_not_synchronise(encoder):
     if not compiled_kernel_available("cuda"):
         # the op's PyTorch fallback reads the level shapes itself (its schema has no ints)

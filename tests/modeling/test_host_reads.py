@@ -21,7 +21,7 @@ from focus_detr.layers import MultiScaleDeformableAttention, multi_scale_deforma
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEMO_CONFIGS = ("dino", "focus_detr", "sparse_detr", "lite_detr")
+DEMO_CONFIGS = ("dino", "focus_detr", "sparse_detr", "lite_detr", "rtdetr_hybrid")
 
 
 def _demo_model(name: str) -> torch.nn.Module:
@@ -64,7 +64,9 @@ def test_demo_models_read_nothing_back_at_inference(name):
     assert reads == {"encoder": {}, "query_selection": {}, "decoder": {}}
 
 
-@pytest.mark.parametrize("encoder", ["focus", "sparse", "dense", "lite", "lite_key_aware"])
+@pytest.mark.parametrize(
+    "encoder", ["focus", "sparse", "dense", "lite", "lite_key_aware", "hybrid"]
+)
 def test_batches_with_padding_read_nothing_back(encoder):
     # two images of different sizes: padding, per-image budgets
     model = _key_aware_lite() if encoder == "lite_key_aware" else build_tiny_model(encoder=encoder)
@@ -94,7 +96,7 @@ def test_the_counter_sees_what_it_must():
     assert names == expected + ["numpy", "cpu"]
 
 
-@pytest.mark.parametrize("encoder", ["focus", "sparse", "dense", "lite"])
+@pytest.mark.parametrize("encoder", ["focus", "sparse", "dense", "lite", "hybrid"])
 def test_training_reads_back_only_in_the_matcher_and_the_ground_truth(encoder):
     model = build_tiny_model(encoder=encoder).train()
     inputs = make_batched_inputs()

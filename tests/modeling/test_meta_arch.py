@@ -27,6 +27,7 @@ ENCODER_LOSSES = {
     "sparse": {"loss_saliency"} | {f"loss_{t}_enc_aux_0" for t in ("class", "bbox", "giou")},
     "lite": set(),
     "lite_key_aware": set(),
+    "hybrid": set(),
 }
 
 
@@ -53,6 +54,7 @@ ENCODER_CLASS_LOSSES = {
     "DenseEncoder": ENCODER_LOSSES["dense"],
     "SparseEncoder": ENCODER_LOSSES["sparse"],
     "LiteEncoder": ENCODER_LOSSES["lite"],
+    "HybridEncoder": ENCODER_LOSSES["hybrid"],
 }
 
 

@@ -195,6 +195,14 @@ def test_tokens_follow_the_row_major_order_of_each_level():
     assert flat.tokens[0, :, 0].tolist() == [0, 1, 2, 3, 4, 5, 10]
     assert flat.pos[0, :, 0].tolist() == [100.0] * 6 + [200.0]
 
+    # an encoder that uses no position embedding: pos is None, the rest is the same
+    geometry = dict(strides=[8, 16], padded_size=(16, 24), image_sizes=[(16, 24)])
+    bare = flatten_levels(maps, masks, None, None, **geometry)
+    assert bare.pos is None and torch.equal(bare.tokens, flat.tokens)
+    assert torch.equal(bare.proposals, flat.proposals)
+    with pytest.raises(ValueError, match="both be given or both be None, got None positions"):
+        flatten_levels(maps, masks, None, level_embed, **geometry)
+
 
 def test_encoder_reference_points_by_hand():
     features = helpers.make_features(((2, 2), (1, 1)), batch=1, channels=4, image_sizes=[(8, 16)])

@@ -59,6 +59,7 @@ def test_neck_projection_by_hand():
         ({"num_extra_levels": -1}, "-1"),
         ({"out_channels": 10, "num_groups": 4}, "num_groups=4"),
         ({"in_features": []}, "at least one"),
+        ({"norm": "LN"}, "norm must be one of .*'LN'"),
     ],
 )
 def test_neck_validation(kwargs, message):
@@ -66,6 +67,27 @@ def test_neck_validation(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         MultiScaleNeck(**arguments)
+
+
+def test_batch_norm_neck_of_rt_detr():
+    # RT-DETR's input projection: per level a 1x1 conv without bias + BatchNorm, no extra level
+    r50 = {
+        name: ShapeSpec(channels=channels, stride=stride)
+        for name, channels, stride in (("res3", 512, 8), ("res4", 1024, 16), ("res5", 2048, 32))
+    }
+    neck = MultiScaleNeck(
+        input_shapes=r50, in_features=list(r50), out_channels=256, num_extra_levels=0, norm="BN"
+    )
+    assert neck.strides == [8, 16, 32]
+    assert all(isinstance(projection[1], torch.nn.BatchNorm2d) for projection in neck.projections)
+    assert all(projection[0].bias is None for projection in neck.projections)
+    parameters = sum(p.numel() for p in neck.parameters())
+    assert parameters == (512 + 1024 + 2048) * 256 + 3 * 2 * 256  # 919,040
+    # no GroupNorm constraint on the channels; extra levels get a batch norm too
+    neck = MultiScaleNeck(input_shapes=SHAPES, in_features=["a", "b"], out_channels=10, norm="BN")
+    outputs = neck({"a": torch.randn(2, 4, 6, 5), "b": torch.randn(2, 6, 3, 3)})
+    assert [tuple(o.shape) for o in outputs] == [(2, 10, 6, 5), (2, 10, 3, 3), (2, 10, 2, 2)]
+    assert neck.extra_levels[0][0].bias is None
 
 
 def test_position_embedding_by_hand():

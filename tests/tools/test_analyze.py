@@ -200,6 +200,59 @@ def test_token_quality_on_dataset_images_with_weights(tiny, tmp_path, capsys):
     assert report["configs"][1]["token_quality"]["foreground_share_per_layer"] == [1.0, 1.0]
 
 
+def test_a_three_level_hybrid_next_to_focus(tiny, tmp_path, capsys):
+    # RT-DETR's hybrid encoder (3 levels) and Focus (4 levels) in one analysis on dataset images
+    hybrid = _write_config(tiny.folder, tiny.names, "hybrid")
+    argv = ["--config-file", tiny.configs[0], hybrid, "--names", "focus", "hybrid"]
+    argv += ["--dataset", tiny.names["val"], "--num-images", 2, "--no-memory"]
+    argv += ["--warmup", 0, "--iters", 1, "--baseline", "focus", "--output", tmp_path]
+    out = _run(argv, capsys)
+    assert "| hybrid |" in out
+    with open(tmp_path / "analysis.json") as f:
+        focus, result = json.load(f)["configs"]
+    assert (result["encoder"], result["keep_ratio"]) == ("HybridEncoder", None)
+    # no position or level embedding: "other" is the denoising label embedding alone
+    assert result["gflops"]["other"] == 0
+    assert result["parameters"]["other"] == len(CLASS_NAMES) * 32
+    assert all(result["gflops"][part] > 0 for part in MODEL_PARTS)
+    # AIFI (the coarsest level), the top-down pass (all), the bottom-up pass (all but level 0)
+    assert len(result["tokens"]["updated_per_layer"]) == 3
+    assert result["tokens"]["updated_share_per_layer"][1] == 1.0
+    # Focus's 4 foreground ranges, fitted to 3 levels: the coarsest takes every larger object
+    assert focus["token_quality"]["ranges"] == ["(-1, 12]", "(12, 24]", "(24, 48]", "(48, inf]"]
+    assert result["token_quality"]["ranges"] == ["(-1, 12]", "(12, 24]", "(24, inf]"]
+    cfg = LazyConfig.load(hybrid)
+    inputs, _ = dataset_inputs(cfg, tiny.names["val"], 2)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).eval()
+    covered, total = torch.zeros(3, dtype=torch.int64), 0
+    with torch.no_grad():
+        for item in inputs:
+            _, details = model.inference([{"image": item["image"]}], return_details=True)
+            features = details.features
+            foreground = (
+                compute_foreground_targets(
+                    [item["instances"].gt_boxes.tensor],
+                    features.level_shapes,
+                    features.strides,
+                    FOCUS_RANGES[:2] + [(24.0, float("inf"))],
+                ).bool()
+                & ~features.padding_mask
+            )
+            starts = features.level_starts
+            total += int(foreground.sum())
+            covered += torch.stack(
+                [
+                    foreground[:, starts[2] :].sum(),
+                    foreground.sum(),
+                    foreground[:, starts[1] :].sum(),
+                ]
+            )
+    quality = result["token_quality"]
+    assert quality["foreground_tokens"] == total > 0
+    assert quality["foreground_share_per_layer"] == pytest.approx((covered / total).tolist())
+
+
 def test_keep_ratio_sweep_writes_the_table_and_plot(tiny, tmp_path, capsys):
     argv = ["--config-file", *tiny.configs, "--names", "focus", "dense"]
     argv += ["--size", 64, 64, "--no-memory", "--warmup", 0, "--iters", 1]

@@ -25,7 +25,11 @@ from focus_detr.analysis.models import (
     resolve_name,
 )
 from focus_detr.analysis.report import to_json
-from focus_detr.analysis.tokens import foreground_size_ranges, foreground_token_mask
+from focus_detr.analysis.tokens import (
+    fit_size_ranges,
+    foreground_size_ranges,
+    foreground_token_mask,
+)
 from focus_detr.layers.flop_count import ALL_FLOP_HANDLES
 from focus_detr.modeling import EncoderOutput, compute_foreground_targets
 
@@ -93,12 +97,12 @@ def test_token_quality_pools_images_and_handles_no_foreground():
     assert TokenStatistics().quality_summary() is None
 
 
-@pytest.mark.parametrize("encoder", ["focus", "sparse", "lite"])
+@pytest.mark.parametrize("encoder", ["focus", "sparse", "lite", "hybrid"])
 def test_token_statistics_of_a_model_equal_encoder_output(encoder, tiny_batched_inputs):
     model = helpers.build_tiny_model(encoder=encoder).eval()
     statistics = collect_token_statistics(model, tiny_batched_inputs)
     expected, foreground_total, covered = [], 0, 0
-    ranges = foreground_size_ranges(model.encoder, 4)
+    ranges = foreground_size_ranges(model.encoder, len(model.strides))
     with torch.no_grad():
         for item in tiny_batched_inputs:
             _, details = model.inference([{"image": item["image"]}], return_details=True)
@@ -125,6 +129,15 @@ def test_token_statistics_of_a_model_equal_encoder_output(encoder, tiny_batched_
     assert quality["foreground_share_per_layer"] == pytest.approx(
         (covered.double() / foreground_total).tolist()
     )
+
+
+def test_size_ranges_fitted_to_fewer_levels():
+    four = [(-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf)]
+    assert fit_size_ranges(four, 4) == four
+    assert fit_size_ranges(four, 3) == [(-1.0, 64.0), (64.0, 128.0), (128.0, math.inf)]
+    assert fit_size_ranges(four[:3], 2) == [(-1.0, 64.0), (64.0, 256.0)]
+    with pytest.raises(ValueError, match="cannot define the foreground tokens of 5 levels"):
+        fit_size_ranges(four, 5)
 
 
 def test_focus_uses_its_own_foreground_ranges():
@@ -178,10 +191,39 @@ def test_flops_of_the_shared_heads_count_for_the_encoder_that_calls_them():
     assert by_module["model.query_selection"] - caller["query_selection"] == moved
 
 
+def test_hybrid_flops_by_hand_convolutions_under_encoder_projection_under_neck():
+    # tiny hybrid model: C = 32, ResNet-18 res3-res5 (128, 256, 512 channels), AIFI FFN 64,
+    # 2 RepVGG blocks per CSP layer; a 128x160 image gives levels 16x20, 8x10, 4x5
+    model = helpers.build_tiny_model(encoder="hybrid").eval()
+    flops = count_flops(model, {"image": helpers.make_image(128, 160)}).parts
+    c, ffn, blocks = 32, 64, 2
+    p3, p4, p5 = 16 * 20, 8 * 10, 4 * 5
+    # fvcore: conv / linear = multiply-adds, batch norm (eval) 2 and layer norm 5 per element
+    neck = (128 * p3 + 256 * p4 + 512 * p5) * c + 2 * c * (p3 + p4 + p5)
+    assert flops["neck"] == neck
+    # AIFI on the 4x5 level: q, k, v, out projections, the FFN, attention, 2 layer norms
+    aifi = 4 * p5 * c * c + 2 * p5 * c * ffn + 2 * p5 * p5 * c + 2 * 5 * p5 * c
+
+    def csp(pixels):  # 2 1x1 branches 2C -> C, blocks of 3x3 + 1x1; a batch norm after each
+        return (2 * 2 + 10 * blocks) * c * c * pixels + (2 + 2 * blocks) * 2 * c * pixels
+
+    def conv_bn(kernel, pixels):
+        return kernel * kernel * c * c * pixels + 2 * c * pixels
+
+    top_down = conv_bn(1, p5) + csp(p4) + conv_bn(1, p4) + csp(p3) + c * (p4 + p3)  # + upsample
+    bottom_up = conv_bn(3, p4) + csp(p4) + conv_bn(3, p5) + csp(p5)
+    assert flops["encoder"] == aifi + top_down + bottom_up
+    # no position embedding is computed, no level embedding counted
+    assert flops["other"] == 0
+    parameters = count_parameters(model)
+    assert parameters["other"] == sum(p.numel() for p in model.denoising.parameters())
+
+
 @pytest.mark.parametrize(
     "config, keep_ratio",
     [("sparse_detr_demo_shapes.py", True), ("focus_detr_demo_shapes.py", True)]
-    + [("dino_demo_shapes.py", False), ("lite_detr_demo_shapes.py", False)],
+    + [("dino_demo_shapes.py", False), ("lite_detr_demo_shapes.py", False)]
+    + [("rtdetr_hybrid_demo_shapes.py", False)],
 )
 def test_encoder_class_of_a_config(config, keep_ratio):
     cfg = LazyConfig.load(str(helpers.CONFIG_DIR / config))

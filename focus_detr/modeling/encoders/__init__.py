@@ -14,6 +14,7 @@ from .foreground_targets import (
     foreground_loss,
     overlapping_size_ranges,
 )
+from .hybrid import HybridEncoder
 from .lite import LiteAllLevelLayer, LiteEncoder
 from .sparse import SparseEncoder
 
@@ -27,6 +28,7 @@ __all__ = [
     "FocusEncoderLayer",
     "ForegroundLoss",
     "ForegroundTokenSelector",
+    "HybridEncoder",
     "LiteAllLevelLayer",
     "LiteEncoder",
     "SparseEncoder",

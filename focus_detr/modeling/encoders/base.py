@@ -38,7 +38,8 @@ class EncoderLossInputs:
 
 class DETREncoder(nn.Module):
     """
-    Base class of the encoders (dense DINO, Focus, Sparse DETR, Lite DETR). An encoder:
+    Base class of the encoders (dense DINO, Focus, Sparse DETR, Lite DETR, RT-DETR's hybrid
+    encoder). An encoder:
 
     - receives the :class:`FlattenedFeatures` and the shared heads it declares in
       ``shared_heads`` (names of modules owned by the two-stage query selection:
@@ -50,14 +51,22 @@ class DETREncoder(nn.Module):
       decoder's cross-attention sets ``needs_decoder_sampling``.
 
     What the meta-architecture and the tools rely on is declared here: ``embed_dim`` (C, the
-    token width), ``num_levels`` (L), ``num_layers``, and ``has_keep_ratio``: True for encoders
-    with a ``keep_ratio`` (the share of tokens they update) that may be changed after training,
-    e.g. ``model.encoder.keep_ratio = 0.3``.
+    token width), ``num_levels`` (L), ``num_layers``, and on the class:
+
+    - ``has_keep_ratio``: True for encoders with a ``keep_ratio`` (the share of tokens they
+      update) that may be changed after training, e.g. ``model.encoder.keep_ratio = 0.3``;
+    - ``uses_position_embedding``: False for encoders that ignore ``features.pos`` (the sine
+      embedding plus the learned level embedding). Nothing else reads it, so the
+      meta-architecture then builds neither and passes ``pos=None``;
+    - ``keeps_own_init``: True for encoders whose modules keep their own initialisation under
+      the reference Xavier initialisation of the transformer (``transformer_init="xavier"``).
     """
 
     shared_heads: ClassVar[Tuple[str, ...]] = ()
     needs_decoder_sampling: ClassVar[bool] = False
     has_keep_ratio: ClassVar[bool] = False
+    uses_position_embedding: ClassVar[bool] = True
+    keeps_own_init: ClassVar[bool] = False
 
     def __init__(self, *, embed_dim: int, num_levels: int, num_layers: int):
         """
@@ -98,9 +107,18 @@ class DETREncoder(nn.Module):
     def check_features(self, features: FlattenedFeatures) -> None:
         """ValueError naming the shapes when ``features`` do not fit this encoder."""
         batch, num_tokens, channels = features.tokens.shape
-        if channels != self.embed_dim or features.pos.shape != features.tokens.shape:
+        if features.pos is None:
+            if self.uses_position_embedding:
+                raise ValueError(
+                    f"{type(self).__name__} uses the position embedding but the features have "
+                    "pos=None"
+                )
+            pos_shape = features.tokens.shape
+        else:
+            pos_shape = features.pos.shape
+        if channels != self.embed_dim or pos_shape != features.tokens.shape:
             raise ValueError(
-                f"tokens {tuple(features.tokens.shape)} and pos {tuple(features.pos.shape)} "
+                f"tokens {tuple(features.tokens.shape)} and pos {tuple(pos_shape)} "
                 f"must both be (B, N, {self.embed_dim})"
             )
         if features.num_levels != self.num_levels:

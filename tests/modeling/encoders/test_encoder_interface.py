@@ -9,6 +9,7 @@ from focus_detr.modeling.encoders import (
     DenseEncoder,
     DETREncoder,
     FocusEncoder,
+    HybridEncoder,
     LiteEncoder,
     SparseEncoder,
 )
@@ -54,6 +55,26 @@ def test_every_encoder_declares_its_width_levels_layers_and_keep_ratio(kind):
 def test_bad_shared_sizes_are_named(kind, name, value):
     with pytest.raises(ValueError, match=f"{name} must be a positive int, got {value}"):
         _build(kind, **{name: value})
+
+
+def test_the_hybrid_encoder_declares_its_sizes_and_what_it_needs():
+    encoder = HybridEncoder(embed_dim=C, num_levels=3, num_heads=4, ffn_dim=64, num_blocks=1)
+    assert isinstance(encoder, DETREncoder)
+    # AIFI on the coarsest level, the top-down and the bottom-up pass
+    assert (encoder.embed_dim, encoder.num_levels, encoder.num_layers) == (C, 3, 3)
+    assert HybridEncoder(embed_dim=C, aifi_levels=(0, 2), num_aifi_layers=2).num_layers == 6
+    cls = type(encoder)
+    assert (cls.has_keep_ratio, cls.uses_position_embedding, cls.keeps_own_init) == (
+        False,
+        False,
+        True,
+    )
+    # the deformable encoders read the position embedding and take the reference init
+    for kind in ENCODERS:
+        assert ENCODERS[kind][0].uses_position_embedding and not ENCODERS[kind][0].keeps_own_init
+    for name, value in (("embed_dim", 0), ("num_levels", -1)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int, got {value}"):
+            HybridEncoder(**{"embed_dim": C, name: value})
 
 
 def test_lite_takes_its_layer_count_from_its_blocks():

@@ -55,6 +55,12 @@ model.encoder.project_category_input = True
 model.encoder.selector_input_mask = "padding"
 model.decoder.refine_from_normed = True
 model.query_selection.select_invalid_tokens = False
+model.query_selection.select_padded_tokens = False
+# The demo trains on batches of mixed aspect ratios, so most images are padded: with
+# "per_image" an image's encoding and loss do not depend on its batch-mates or its padding
+# (the reference lets a small image keep its whole budget next to a large one, averages the
+# padding into the selector's context and trains the selector on padded tokens).
+model.encoder.padded_batches = "per_image"
 model.transformer_init = "module"
 
 train.device = "cpu"

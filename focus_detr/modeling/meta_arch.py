@@ -74,6 +74,7 @@ class TwoStageDETR(nn.Module):
         input_format: str = "RGB",
         transformer_init: str = "xavier",
         channels_last: bool = False,
+        inference_padding_masks: bool = True,
     ):
         """
         Args:
@@ -106,6 +107,13 @@ class TwoStageDETR(nn.Module):
                 (their weights and the input images): oneDNN's convolutions and pooling are
                 faster so on CPUs (measured: ResNet-18 backbone + neck forward and backward
                 1.15x faster on the demo). The results are the same up to float rounding.
+            inference_padding_masks: True: padding masks come from each image's size in
+                training and in inference. False (detrex's inference): in eval mode the whole
+                padded batch counts as every image (no padding mask), so the encoder, the
+                query selection and the decoder treat padding as image, and boxes, predicted
+                relative to the padded batch, are scaled by each image's own size: an image
+                smaller than its batch gets boxes shrunk by its share of the batch. Both give
+                the same result on a batch of one image (detectron2's test loader).
         """
         super().__init__()
         if num_classes <= 0:
@@ -160,6 +168,7 @@ class TwoStageDETR(nn.Module):
         self.input_format = input_format
         self.transformer_init = transformer_init
         self.channels_last = channels_last
+        self.inference_padding_masks = inference_padding_masks
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if transformer_init == "xavier":
@@ -215,7 +224,11 @@ class TwoStageDETR(nn.Module):
     # --- network ---------------------------------------------------------------------------
 
     def flatten_features(self, images: ImageList) -> FlattenedFeatures:
-        """Backbone, neck, padding masks, position embeddings, flattening and proposals."""
+        """
+        Backbone, neck, padding masks, position embeddings, flattening and proposals. The masks
+        come from ``images.image_sizes``, except in eval mode without
+        ``inference_padding_masks``, where every image is taken to fill the padded batch.
+        """
         pixels = images.tensor
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -226,7 +239,10 @@ class TwoStageDETR(nn.Module):
             maps = self.neck(outputs)
         padded_size = (images.tensor.shape[-2], images.tensor.shape[-1])
         level_shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
-        masks = level_padding_masks(images.image_sizes, padded_size, level_shapes, self.device)
+        image_sizes = images.image_sizes
+        if not (self.training or self.inference_padding_masks):
+            image_sizes = [padded_size] * len(image_sizes)
+        masks = level_padding_masks(image_sizes, padded_size, level_shapes, self.device)
         positions = None
         if self.position_embedding is not None:
             positions = [self.position_embedding(mask, maps[0].dtype) for mask in masks]
@@ -237,7 +253,7 @@ class TwoStageDETR(nn.Module):
             self.level_embed,
             strides=self._strides,
             padded_size=padded_size,
-            image_sizes=images.image_sizes,
+            image_sizes=image_sizes,
             proposal_base_scale=self.query_selection.base_scale,
         )
 

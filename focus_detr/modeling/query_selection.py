@@ -52,6 +52,7 @@ class TwoStageQuerySelection(nn.Module):
         base_scale: float = 0.05,
         prior_prob: float = 0.01,
         select_invalid_tokens: bool = True,
+        select_padded_tokens: bool = True,
     ):
         """
         Args:
@@ -61,11 +62,15 @@ class TwoStageQuerySelection(nn.Module):
             base_scale: side of the level-0 proposals; doubles per level (the meta-architecture
                 builds the proposals with it).
             prior_prob: initial foreground probability of the class head.
-            select_invalid_tokens: True (reference): the top-Q runs over every unpadded token;
-                a token without a valid proposal (the outer ring of fine levels) has its memory
-                zeroed and a +inf proposal, so if picked its box is (1, 1, 1, 1). False: such
-                tokens are ranked last and picked only when an image has fewer than Q valid
-                tokens, then with a centred proposal. Padded tokens are always ranked last.
+            select_invalid_tokens: True (reference): the top-Q runs over every token; a token
+                without a valid proposal (the outer ring of fine levels) has its memory zeroed
+                and a +inf proposal, so if picked its box is (1, 1, 1, 1). False: such tokens
+                (padded ones included) are ranked last and picked only when an image has fewer
+                than Q valid tokens, then with a centred proposal.
+            select_padded_tokens: with ``select_invalid_tokens``, whether padded tokens compete
+                too. True (reference): they are invalid tokens like the others (zeroed memory,
+                box (1, 1, 1, 1)); an image can then pick them only in a padded batch. False:
+                they are ranked last, so an image picks the same tokens alone or in any batch.
         """
         super().__init__()
         for name, value in (
@@ -79,6 +84,7 @@ class TwoStageQuerySelection(nn.Module):
         self.num_queries = num_queries
         self.base_scale = base_scale
         self.select_invalid_tokens = select_invalid_tokens
+        self.select_padded_tokens = select_padded_tokens
         self.memory_projection = nn.Sequential(
             nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim)
         )
@@ -108,10 +114,13 @@ class TwoStageQuerySelection(nn.Module):
         projected = self.memory_projection(memory)
         logits = self.class_head(projected)
         num_queries = min(self.num_queries, memory.shape[1])
-        # padded tokens are never ranked (they do not exist in an image alone); the reference
-        # ranks the other invalid tokens (the outer ring of fine levels) like any token
-        ranked = ~features.padding_mask if self.select_invalid_tokens else valid
-        scores = logits.max(-1).values.masked_fill(~ranked, -math.inf)
+        scores = logits.max(-1).values
+        # the reference ranks the invalid tokens (the outer ring of fine levels, padding) like
+        # any token; the options rank padding, or every invalid token, last
+        if not self.select_invalid_tokens:
+            scores = scores.masked_fill(~valid, -math.inf)
+        elif not self.select_padded_tokens:
+            scores = scores.masked_fill(features.padding_mask, -math.inf)
         topk_indices = scores.topk(num_queries, dim=1).indices
         topk_valid = valid.gather(1, topk_indices)
 

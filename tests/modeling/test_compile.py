@@ -28,10 +28,21 @@ def _assert_same_outputs(expected, actual, **tolerance):
             torch.testing.assert_close(getattr(actual, name), getattr(expected, name), **tolerance)
 
 
-@pytest.mark.parametrize("name", DEMO_CONFIGS)
+# the demo configs, and the Focus demo with the reference's padded-batch behaviour
+COMPILED_CONFIGS = DEMO_CONFIGS + ("focus_detr_reference_padding",)
+
+
+@pytest.mark.parametrize("name", COMPILED_CONFIGS)
 def test_encoder_and_decoder_compile_without_graph_breaks(name):
     torch.manual_seed(0)
-    model = instantiate(LazyConfig.load(str(CONFIG_DIR / f"{name}_demo_shapes.py")).model).eval()
+    reference_padding = name.endswith("_reference_padding")
+    name = name.replace("_reference_padding", "")
+    cfg = LazyConfig.load(str(CONFIG_DIR / f"{name}_demo_shapes.py"))
+    if reference_padding:
+        cfg.model.encoder.padded_batches = "reference"
+        cfg.model.query_selection.select_invalid_tokens = True
+        cfg.model.query_selection.select_padded_tokens = True
+    model = instantiate(cfg.model).eval()
     inputs = [{"image": make_image(160, 192)}, {"image": make_image(128, 192, seed=1)}]
     with torch.no_grad():
         features = model.flatten_features(model.preprocess_image(inputs))

@@ -74,6 +74,20 @@ def test_batches_with_padding_read_nothing_back(encoder):
     assert reads == {"encoder": {}, "query_selection": {}, "decoder": {}}
 
 
+@pytest.mark.parametrize("padded_batches", ["reference", "per_image"])
+@pytest.mark.parametrize("inference_padding_masks", [True, False])
+def test_focus_on_a_padded_batch_reads_nothing_back(padded_batches, inference_padding_masks):
+    # the second image has padded tokens on every level: budgets of both rules, the fill
+    cfg = tiny_model_config(encoder="focus")
+    cfg.encoder.padded_batches = padded_batches
+    cfg.inference_padding_masks = inference_padding_masks
+    torch.manual_seed(0)
+    model = instantiate(cfg).eval()
+    inputs = make_batched_inputs(((160, 192), (96, 128)), [[], []])
+    reads = _reads_per_part(model, inputs)
+    assert reads == {"encoder": {}, "query_selection": {}, "decoder": {}}
+
+
 def test_the_counter_sees_what_it_must():
     values = torch.arange(4.0)
     with HostReadCounter() as counter:

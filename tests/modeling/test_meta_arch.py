@@ -278,3 +278,35 @@ def test_channels_last_gives_the_same_losses_and_gradients(tiny_batched_inputs):
     for name in plain:
         torch.testing.assert_close(last[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(last_grad, plain_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_inference_padding_masks_option():
+    """
+    ``inference_padding_masks=False`` is detrex's inference: no padding mask in eval mode (the
+    padded batch is every image's extent), masks from the image sizes in training; the same
+    detections as the default on a batch of one image (at least two coarsest cells per side, so
+    that it is not padded).
+    """
+    inputs = make_batched_inputs(((160, 192), (136, 144)), [[], []])
+    models = {}
+    for masks in (True, False):
+        cfg = tiny_model_config()
+        cfg.inference_padding_masks = masks
+        torch.manual_seed(0)
+        models[masks] = instantiate(cfg).eval()
+    with torch.no_grad():
+        details = {m: models[m].inference(inputs, return_details=True)[1] for m in models}
+        alone = {masks: models[masks](inputs[1:]) for masks in models}
+    assert details[True].features.padding_mask[1].any()
+    assert not details[False].features.padding_mask.any()
+    assert torch.equal(details[False].features.valid_ratios, torch.ones(2, 4, 2))
+    boxes = {masks: details[masks].decoder.boxes[-1][1] for masks in models}
+    assert not torch.allclose(boxes[False], boxes[True])
+    for name in ("pred_boxes", "scores", "pred_classes"):
+        expected = alone[True][0]["instances"].get(name)
+        actual = alone[False][0]["instances"].get(name)
+        expected = getattr(expected, "tensor", expected)
+        torch.testing.assert_close(getattr(actual, "tensor", actual), expected, rtol=0, atol=0)
+    model = models[False].train()
+    features = model.flatten_features(model.preprocess_image(inputs))
+    assert features.padding_mask[1].any() and not features.padding_mask[0].any()

@@ -96,6 +96,27 @@ def test_reference_selects_invalid_tokens_with_unit_boxes():
     assert departure(memory, features).topk_valid[0].all()
 
 
+def test_padded_tokens_compete_in_the_reference():
+    """
+    When the zeroed tokens score best, the reference picks padded tokens of the small image
+    (box (1, 1, 1, 1)); ``select_padded_tokens=False`` ranks padding last, so an image picks
+    the same tokens alone or in any batch.
+    """
+    features = _features()
+    padding = features.padding_mask
+    picks = {}
+    for select_padded in (True, False):
+        selector = _selector(num_queries=6, select_padded_tokens=select_padded)
+        direction = _attract_invalid_tokens(selector)
+        memory = (-100 * direction).expand(2, NUM_TOKENS, HIDDEN).clone()
+        out = selector(memory, features)
+        picks[select_padded] = padding.gather(1, out.topk_indices)
+        picked = out.enc_boxes[picks[select_padded]]
+        assert torch.equal(picked, torch.ones_like(picked))
+    assert picks[True][1].all() and not picks[True][0].any()  # image 0 has no padding
+    assert not picks[False].any()
+
+
 def test_fewer_valid_tokens_than_queries():
     selector = _selector(num_queries=12, select_invalid_tokens=False)
     features = _features()  # image 1 has 6 + 2 = 8 valid tokens

@@ -17,6 +17,7 @@ __all__ = ["FocusEncoder"]
 
 _VALUE_SOURCES = ("initial", "updated")
 _SELECTOR_MASKS = ("proposals", "padding")
+PADDED_BATCHES = ("reference", "per_image")
 
 
 class FocusEncoder(TokenSparseEncoder):
@@ -27,6 +28,10 @@ class FocusEncoder(TokenSparseEncoder):
     best fine-grained score (multi-category score x foreground score) first attend to each other
     (dual attention). Tokens never selected keep their input value; padded tokens are never
     written. Its loss is the selector's focal loss on FCOS-style foreground targets.
+
+    On a padded batch ``padded_batches`` says how padding and the other images of the batch
+    enter an image's encoding (both choices agree on a batch of one image): "reference" as
+    detrex, "per_image" so that an image is encoded the same alone or in any batch.
 
     Shared heads: ``memory_projection`` (the two-stage ``Linear + LayerNorm``, which projects
     the selector's input) and ``class_head`` (the two-stage class head, the multi-category score
@@ -45,6 +50,7 @@ class FocusEncoder(TokenSparseEncoder):
         project_category_input: bool = False,
         selector_input_mask: str = "proposals",
         value_source: str = "initial",
+        padded_batches: str = "reference",
         selector_hidden_dim: Optional[int] = None,
         selector_head_dims: Optional[Sequence[int]] = None,
         selector_alpha_init_range: float = 0.3,
@@ -71,6 +77,27 @@ class FocusEncoder(TokenSparseEncoder):
                 selector's projection; "padding": only padded tokens are.
             value_source: "initial" (reference): every layer's deformable value is the input
                 tokens (padding zeroed); "updated": the current memory (Sparse DETR's choice).
+            padded_batches: how a padded batch is encoded; both choices give the same result
+                on a batch of one image.
+
+                - "reference" (detrex): (1) the cascade factor applies to the batch's largest
+                  budget K: layer l gathers ``k_l = floor(c_l * K)`` tokens and image i writes
+                  the first ``min(k_l, n_i)`` (see :func:`compute_token_budgets`, rule
+                  "batch"); (2) the selector's global mean runs over every token of the level,
+                  padding included, and (3) the coarser level's raw logits, padded ones
+                  included, modulate the finer level; (4) padded logits are filled with the
+                  batch's smallest raw logit (padding included) for the ranking and the dual
+                  attention's fine-grained score, and every layer runs its own top-k (exactly
+                  tied padded tokens resolve as in the reference); (5) the dual attention's
+                  candidates are all the tokens the layer gathered, beyond the image's budget
+                  and gathered padding included; (6) the focal loss counts padded tokens as
+                  negatives, with their raw logits.
+                - "per_image": an image's encoding and loss do not depend on the other images
+                  of its batch or on its padding: image i writes ``min(n_i, max(1, floor(c_l *
+                  n_i)))``, the global mean runs over valid tokens, padded logits are zeroed
+                  before the upsampling and rank last (one ranking, nested per layer), the dual
+                  attention picks among the tokens the image writes, and the loss leaves
+                  padding out. (The backbone and the neck still see the padding.)
             selector_hidden_dim, selector_head_dims, selector_alpha_init_range: see
                 :class:`ForegroundTokenSelector`.
             foreground_ranges: per level (lo, hi] of the box's max distance to a location for
@@ -96,6 +123,7 @@ class FocusEncoder(TokenSparseEncoder):
             ("score_product", score_product, SCORE_PRODUCTS),
             ("value_source", value_source, _VALUE_SOURCES),
             ("selector_input_mask", selector_input_mask, _SELECTOR_MASKS),
+            ("padded_batches", padded_batches, PADDED_BATCHES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -104,6 +132,8 @@ class FocusEncoder(TokenSparseEncoder):
         self.project_category_input = project_category_input
         self.selector_input_mask = selector_input_mask
         self.value_source = value_source
+        self.padded_batches = padded_batches
+        reference_padding = padded_batches == "reference"
 
         self.selector = ForegroundTokenSelector(
             embed_dim=self.embed_dim,
@@ -111,6 +141,7 @@ class FocusEncoder(TokenSparseEncoder):
             hidden_dim=selector_hidden_dim,
             head_dims=selector_head_dims,
             alpha_init_range=selector_alpha_init_range,
+            include_padding=reference_padding,
         )
         self.layers = nn.ModuleList(
             FocusEncoderLayer(topk_sa=topk_sa, **self.layer_args) for _ in range(num_layers)
@@ -121,6 +152,7 @@ class FocusEncoder(TokenSparseEncoder):
             alpha=foreground_focal_alpha,
             gamma=foreground_focal_gamma,
             weight=foreground_loss_weight,
+            include_padding=reference_padding,
         )
 
     def score_tokens(
@@ -129,7 +161,9 @@ class FocusEncoder(TokenSparseEncoder):
         """
         Returns:
             ``(logits, foreground_logits)``: (B, N) raw selector logits with gradient, and the
-            same with padded tokens filled with the smallest valid logit (detached fill).
+            same with padded tokens filled (detached fill) with the batch's smallest logit,
+            padded ones included ("reference", the tensor the tokens are ranked by), or with
+            the smallest valid logit ("per_image").
         """
         padding_mask = features.padding_mask
         if self.selector_input_mask == "proposals":
@@ -140,6 +174,8 @@ class FocusEncoder(TokenSparseEncoder):
             (features.tokens + features.pos).masked_fill(zeroed.unsqueeze(-1), 0.0)
         )
         logits = self.selector(selector_input, padding_mask, features.level_shapes)
+        if self.padded_batches == "reference":
+            return logits, logits.masked_fill(padding_mask, logits.detach().min())
         return logits, fill_padding_with_minimum(logits, padding_mask)
 
     def forward(
@@ -153,16 +189,26 @@ class FocusEncoder(TokenSparseEncoder):
 
         Returns:
             :class:`EncoderOutput` with ``memory`` (B, N, C), ``token_scores`` (B, N) foreground
-            logits, ``layer_indices`` and ``layer_valid`` (B, k_l) per layer.
+            logits with padded tokens filled (see :meth:`score_tokens`), ``layer_indices`` and
+            ``layer_valid`` (B, k_l) per layer, and ``extras["foreground_logits"]``: the raw
+            (B, N) logits the loss trains.
         """
         self.check_features(features)
         token_projection = shared_heads["memory_projection"]
         category_head = shared_heads["class_head"]
         padding_mask = features.padding_mask
         logits, foreground_logits = self.score_tokens(features, token_projection)
-        selections = self.select_tokens(features, logits, self.layer_keep_factors)
+        reference_padding = self.padded_batches == "reference"
+        selections = self.select_tokens(
+            features,
+            foreground_logits,
+            self.layer_keep_factors,
+            budget_rule="batch" if reference_padding else "image",
+            rank_padding_last=not reference_padding,
+            topk_per_layer=reference_padding,
+        )
         initial_value = features.tokens.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        ranking_logits = logits.detach()
+        ranking_logits = foreground_logits.detach()
 
         def update(
             layer: int, query: torch.Tensor, selected: SelectedTokens, memory: torch.Tensor
@@ -174,6 +220,9 @@ class FocusEncoder(TokenSparseEncoder):
                     ranking_logits.gather(1, selected.indices),
                     self.score_product,
                 )
+            # the dual attention's candidates: every gathered token (reference) or the tokens
+            # the image writes back
+            candidates = torch.ones_like(selected.valid) if reference_padding else selected.valid
             return self.layers[layer](
                 query,
                 selected.pos,
@@ -183,7 +232,7 @@ class FocusEncoder(TokenSparseEncoder):
                 features.spatial_shapes,
                 features.level_start_index,
                 scores,
-                selected.valid,
+                candidates,
                 level_shapes=features.level_shapes,
             )
 
@@ -193,6 +242,7 @@ class FocusEncoder(TokenSparseEncoder):
             layer_indices=[selected.indices for selected in selections],
             layer_valid=[selected.valid for selected in selections],
             token_scores=foreground_logits,
+            extras={"foreground_logits": logits},
         )
 
     def losses(self, output: EncoderOutput, inputs: EncoderLossInputs) -> Dict[str, torch.Tensor]:
@@ -200,7 +250,7 @@ class FocusEncoder(TokenSparseEncoder):
         features = inputs.features
         return {
             "loss_foreground": self.foreground_loss(
-                output.token_scores,
+                output.extras["foreground_logits"],
                 features.padding_mask,
                 features.level_shapes,
                 features.strides,
@@ -214,5 +264,5 @@ class FocusEncoder(TokenSparseEncoder):
             f"score_product={self.score_product!r}, "
             f"project_category_input={self.project_category_input}, "
             f"selector_input_mask={self.selector_input_mask!r}, "
-            f"value_source={self.value_source!r}"
+            f"value_source={self.value_source!r}, padded_batches={self.padded_batches!r}"
         )

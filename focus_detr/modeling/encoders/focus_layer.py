@@ -63,14 +63,15 @@ class FocusEncoderLayer(DeformableEncoderLayer):
         query_valid: torch.Tensor,
     ) -> torch.Tensor:
         """
-        Self-attention among the best-scored valid tokens of each image.
+        Self-attention among the best-scored candidate tokens of each image.
 
         Args:
             query: (B, k, C) tokens of the layer.
             query_pos: (B, k, C) their position embeddings.
             scores: (B, k) fine-grained scores, only used for ranking (no gradient).
-            query_valid: (B, k) bool, False for tokens beyond the image's budget: they are never
-                attended to and never updated.
+            query_valid: (B, k) bool, the candidates (see :class:`FocusEncoder`'s
+                ``padded_batches``: the tokens the image writes back, or every token the layer
+                gathered); the others are never attended to and never updated.
 
         Returns:
             (B, k, C) tokens, the selected valid ones replaced by ``LN(q + MHSA)``.
@@ -121,7 +122,7 @@ class FocusEncoderLayer(DeformableEncoderLayer):
             query, query_pos, reference_points, value, value_padding_mask, spatial_shapes,
                 level_start_index, level_shapes: see :meth:`DeformableEncoderLayer.forward`.
             scores: (B, k) fine-grained scores ranking the tokens for the dual attention.
-            query_valid: (B, k) bool, False for tokens beyond the image's budget.
+            query_valid: (B, k) bool, the dual attention's candidates.
 
         Returns:
             (B, k, C) updated tokens (the caller writes back only the valid ones).

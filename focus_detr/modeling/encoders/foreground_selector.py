@@ -21,9 +21,14 @@ class ForegroundTokenSelector(nn.Module):
 
     The modulated features are used for scoring only. The scoring network is
     ``LN -> Linear(C, hidden) -> GELU``; the second half of the channels is averaged over the
-    level's valid tokens of each image (the reference also averages the padding, which makes an
-    image's scores depend on how much padding its batch adds) and broadcast back; then
+    level's tokens of each image and broadcast back; then
     ``Linear(hidden, head_dims[0]) -> GELU -> ... -> Linear(head_dims[-1], 1)``.
+
+    Padded tokens (``include_padding``): the official codes score them like image tokens: they
+    enter the global mean, and their raw logits are upsampled into the finer level, so an
+    image's scores depend on how much padding its batch adds. Without, the mean runs over the
+    valid tokens and padded logits are zeroed before the upsampling: an image is scored the same
+    alone or in any batch.
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class ForegroundTokenSelector(nn.Module):
         alpha_init_range: float = 0.3,
         top_down: bool = True,
         global_context: str = "level",
+        include_padding: bool = False,
     ):
         """
         Args:
@@ -50,8 +56,13 @@ class ForegroundTokenSelector(nn.Module):
                 ``[-alpha_init_range, alpha_init_range]`` (reference: 0.3).
             top_down: modulate every level by the logits of the coarser one (Focus-DETR);
                 False scores every level independently (Sparse DETR's scoring network).
-            global_context: the global half of the hidden channels is averaged over the valid
-                tokens of each "level" (Focus-DETR) or of the whole "image" (Sparse DETR).
+            global_context: the global half of the hidden channels is averaged over the tokens
+                of each "level" (Focus-DETR) or of the whole "image" (Sparse DETR).
+            include_padding: True (Focus-DETR's and Sparse DETR's official code): padded tokens
+                enter the global mean, and the coarser level's raw logits, padded ones included,
+                modulate the finer level. False: the mean runs over the valid tokens and padded
+                logits are zeroed before the upsampling, so an image's valid scores do not depend
+                on the padding of its batch.
         """
         super().__init__()
         if embed_dim <= 0:
@@ -77,6 +88,7 @@ class ForegroundTokenSelector(nn.Module):
             )
         self.top_down = top_down
         self.global_context = global_context
+        self.include_padding = include_padding
         self.embed_dim = embed_dim
         self.num_levels = num_levels
         self.hidden_dim = hidden_dim
@@ -111,9 +123,12 @@ class ForegroundTokenSelector(nn.Module):
     def global_mean(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """
         Mean of the global half of ``hidden`` (B, n, hidden_dim) over the ``valid`` (B, n)
-        tokens: (B, 1, hidden_dim / 2). An image without a valid token gets zero context.
+        tokens, or over all n tokens with ``include_padding``: (B, 1, hidden_dim / 2). An image
+        without a valid token gets zero context (without ``include_padding``).
         """
         global_part = hidden[..., self.hidden_dim // 2 :]
+        if self.include_padding:
+            return global_part.mean(dim=1, keepdim=True)
         weights = valid.to(hidden.dtype).unsqueeze(-1)
         count = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
         return (global_part * weights).sum(dim=1, keepdim=True) / count
@@ -130,7 +145,8 @@ class ForegroundTokenSelector(nn.Module):
 
         Args:
             features: (B, n, C) tokens of one level.
-            valid: (B, n) bool, True on tokens inside the image; only they enter the global mean.
+            valid: (B, n) bool, True on tokens inside the image; only they enter the global mean
+                (unless ``include_padding``).
 
         Returns:
             (B, n) raw logits.
@@ -152,7 +168,7 @@ class ForegroundTokenSelector(nn.Module):
             level_shapes: L pairs (h, w) of Python ints, N = sum of h * w.
 
         Returns:
-            (B, N) raw logits. Values on padded tokens are meaningless (callers mask them).
+            (B, N) raw logits, padded tokens included (callers mask or fill them as they need).
         """
         if len(level_shapes) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} level shapes, got {list(level_shapes)}")
@@ -202,8 +218,10 @@ class ForegroundTokenSelector(nn.Module):
             hidden = self.hidden_features(level_input)
             level_logits = self.score_hidden(hidden, self.global_mean(hidden, level_valid[level]))
             logits[level] = level_logits
-            # Padded logits are unsupervised, hence arbitrary: zero them (no modulation) so that
-            # they cannot leak into the valid border of the finer level through interpolation.
-            upper_map = level_logits.masked_fill(~level_valid[level], 0.0)
+            upper_map = level_logits
+            if not self.include_padding:
+                # zero padded logits (no modulation) so that they cannot leak into the valid
+                # border of the finer level through the interpolation
+                upper_map = upper_map.masked_fill(~level_valid[level], 0.0)
             upper_map = upper_map.view(batch, 1, height, width)
         return torch.cat(logits, dim=1)

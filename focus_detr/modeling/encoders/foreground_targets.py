@@ -187,18 +187,25 @@ def foreground_loss(
     padding_mask: torch.Tensor,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    *,
+    include_padding: bool = False,
 ) -> torch.Tensor:
     """
-    Sigmoid focal loss summed over the valid tokens of each image, divided by that image's
-    positive count (at least 1), averaged over the batch. Unweighted: the weight (1.5 in
-    Focus-DETR) is applied by :class:`ForegroundLoss` or by the caller.
+    Sigmoid focal loss summed over the valid tokens of each image (every token with
+    ``include_padding``), divided by that image's positive count among them (at least 1),
+    averaged over the batch. Unweighted: the weight (1.5 in Focus-DETR) is applied by
+    :class:`ForegroundLoss` or by the caller.
 
     Args:
         logits: (B, N) raw foreground logits.
         targets: (B, N) in {0, 1}.
-        padding_mask: (B, N) bool, True on padded tokens (excluded).
+        padding_mask: (B, N) bool, True on padded tokens (excluded unless ``include_padding``).
         alpha: focal loss positive-class weight.
         gamma: focal loss focusing exponent.
+        include_padding: True (the reference): padded tokens count like image tokens, with
+            their own logits and targets (zero: a location in the padding is never inside a
+            box of the image), i.e. as negatives; an image's loss then depends on how much
+            padding its batch adds. False: they are left out.
 
     Returns:
         scalar loss; finite for images without any box (all targets 0).
@@ -209,6 +216,9 @@ def foreground_loss(
             f"{tuple(padding_mask.shape)} must have the same shape"
         )
     targets = targets.to(logits.dtype)
+    if include_padding:
+        per_token = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+        return (per_token.sum(dim=1) / targets.sum(dim=1).clamp(min=1.0)).mean()
     valid = ~padding_mask
     # where(): padded logits may hold any value, never let them reach the sum (0 * inf = nan)
     safe_logits = torch.where(valid, logits, torch.zeros_like(logits))
@@ -229,6 +239,7 @@ class ForegroundLoss(nn.Module):
         alpha: float = 0.25,
         gamma: float = 2.0,
         weight: float = 1.5,
+        include_padding: bool = False,
     ):
         """
         Args:
@@ -238,6 +249,8 @@ class ForegroundLoss(nn.Module):
             alpha: focal loss positive-class weight.
             gamma: focal loss focusing exponent.
             weight: multiplies the loss (Focus-DETR: 1.5).
+            include_padding: padded tokens count as negatives (the reference), see
+                :func:`foreground_loss`.
         """
         super().__init__()
         if ranges is None:
@@ -252,6 +265,7 @@ class ForegroundLoss(nn.Module):
         self.alpha = alpha
         self.gamma = gamma
         self.weight = weight
+        self.include_padding = include_padding
 
     def targets(
         self,
@@ -275,7 +289,7 @@ class ForegroundLoss(nn.Module):
     ) -> torch.Tensor:
         """
         Args:
-            foreground_logits: (B, N) raw logits.
+            foreground_logits: (B, N) raw logits (with ``include_padding``, padded tokens' too).
             padding_mask: (B, N) bool, True on padded tokens.
             level_shapes: L pairs (h, w) of every level.
             strides: L input pixels per cell.
@@ -286,6 +300,11 @@ class ForegroundLoss(nn.Module):
         """
         targets = self.targets(boxes_xyxy, level_shapes, strides, foreground_logits.device)
         loss = foreground_loss(
-            foreground_logits, targets, padding_mask, alpha=self.alpha, gamma=self.gamma
+            foreground_logits,
+            targets,
+            padding_mask,
+            alpha=self.alpha,
+            gamma=self.gamma,
+            include_padding=self.include_padding,
         )
         return self.weight * loss

@@ -6,6 +6,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 __all__ = [
+    "BUDGET_RULES",
     "SCORE_PRODUCTS",
     "check_keep_ratio",
     "compute_token_budgets",
@@ -14,6 +15,7 @@ __all__ = [
 ]
 
 SCORE_PRODUCTS = ("probability", "logit")
+BUDGET_RULES = ("image", "batch")
 
 
 def check_keep_ratio(keep_ratio: float) -> float:
@@ -26,7 +28,11 @@ def check_keep_ratio(keep_ratio: float) -> float:
 
 
 def compute_token_budgets(
-    valid_counts: Sequence[int], keep_ratio: float, layer_keep_factors: Sequence[float]
+    valid_counts: Sequence[int],
+    keep_ratio: float,
+    layer_keep_factors: Sequence[float],
+    *,
+    rule: str = "image",
 ) -> Tuple[List[int], List[List[int]]]:
     """
     How many tokens every layer gathers, and how many of them each image may write, from the
@@ -34,27 +40,39 @@ def compute_token_budgets(
 
     Per image ``n_i = floor(keep_ratio * valid_i) + 1`` clamped to ``valid_i``, ``K = max_i n_i``
     (at least 1). Layer l gathers ``k_l = max(1, floor(c_l * K))`` tokens per image (a
-    rectangular batch) and image i writes its first ``b_il = min(n_i, max(1, floor(c_l * n_i)))``
-    of them: the cascade factor applies to every image's own budget, so an image is encoded
-    exactly as it would be alone, whatever the other images of its batch. (The reference writes
-    ``min(k_l, n_i)``: a small image next to a large one keeps its whole budget in every layer.)
+    rectangular batch) and image i writes the first ``b_il`` of them:
+
+    - ``rule="image"``: ``b_il = min(n_i, max(1, floor(c_l * n_i)))``: the cascade factor
+      applies to every image's own budget, so an image is encoded exactly as it would be alone,
+      whatever the other images of its batch;
+    - ``rule="batch"`` (the reference): ``b_il = min(k_l, n_i)``: the cascade factor applies to
+      the batch's largest budget, so a small image next to a large one writes its whole budget
+      in every layer until ``k_l < n_i``.
+
+    Both rules agree on a batch of one image, and on images with the batch's largest budget.
 
     Args:
         valid_counts: B valid (non-padded) token counts (``FlattenedFeatures.valid_token_counts``).
         keep_ratio: rho in (0, 1].
         layer_keep_factors: c_l in (0, 1], one per layer.
+        rule: "image" or "batch", see above.
 
     Returns:
         ``(layer_sizes, budgets)``: k_l per layer, and b_il as ``budgets[l][i]``, Python ints.
     """
+    if rule not in BUDGET_RULES:
+        raise ValueError(f"rule must be one of {BUDGET_RULES}, got {rule!r}")
     # Python floats are float64: the products round exactly as float64 tensor arithmetic
     focus = [min(math.floor(int(count) * keep_ratio) + 1, int(count)) for count in valid_counts]
     max_focus = max(max(focus, default=1), 1)
     layer_sizes = [max(1, int(factor * max_focus)) for factor in layer_keep_factors]
-    budgets = [
-        [min(max(math.floor(count * factor), 1), count) for count in focus]
-        for factor in layer_keep_factors
-    ]
+    if rule == "batch":
+        budgets = [[min(size, count) for count in focus] for size in layer_sizes]
+    else:
+        budgets = [
+            [min(max(math.floor(count * factor), 1), count) for count in focus]
+            for factor in layer_keep_factors
+        ]
     return layer_sizes, budgets
 
 

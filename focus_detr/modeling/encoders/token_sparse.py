@@ -76,18 +76,30 @@ class TokenSparseEncoder(DeformableEncoder):
         features: FlattenedFeatures,
         logits: torch.Tensor,
         layer_keep_factors: Sequence[float],
+        *,
+        budget_rule: str = "image",
+        rank_padding_last: bool = True,
+        topk_per_layer: bool = False,
     ) -> List[SelectedTokens]:
         """
         One ranking for all layers (no gradient through it): layer l takes the first ``k_l``
         tokens of the ranking and image i writes its first ``b_il`` (see
         :func:`compute_token_budgets`); the budgets come from the images' valid token counts
         as Python ints, so nothing is read back from the device. Layers with the same factor as
-        the layer before share its selection.
+        the layer before share its selection. Padded tokens are never written.
 
         Args:
             features: flattened tokens and geometry.
-            logits: (B, N) token scores; higher ranks first, padded tokens rank last.
+            logits: (B, N) token scores; higher ranks first.
             layer_keep_factors: c_l in (0, 1], one per layer.
+            budget_rule: "image" or "batch" (the reference's), see
+                :func:`compute_token_budgets`.
+            rank_padding_last: True: padded tokens rank after every valid token, whatever
+                ``logits`` holds; False: they rank by their entry in ``logits`` (the reference
+                fills it with the batch's smallest logit, so padded tokens tie with each other).
+            topk_per_layer: False: every layer takes a prefix of one ranking (nested sets);
+                True: a top-``k_l`` per layer, as the reference does. The two differ only in the
+                order ``torch.topk`` gives exactly tied scores, which depends on ``k``.
 
         Returns:
             One :class:`SelectedTokens` per layer.
@@ -95,10 +107,12 @@ class TokenSparseEncoder(DeformableEncoder):
         padding_mask = features.padding_mask
         batch, num_tokens, channels = features.tokens.shape
         layer_sizes, budgets = compute_token_budgets(
-            features.valid_token_counts, self.keep_ratio, layer_keep_factors
+            features.valid_token_counts, self.keep_ratio, layer_keep_factors, rule=budget_rule
         )
-        # -inf puts every padded token after every valid one, even on ties with the minimum
-        ranking = logits.detach().masked_fill(padding_mask, float("-inf"))
+        ranking = logits.detach()
+        if rank_padding_last:
+            # -inf puts every padded token after every valid one, even on ties with the minimum
+            ranking = ranking.masked_fill(padding_mask, float("-inf"))
         order = ranking.topk(min(max(layer_sizes), num_tokens), dim=1).indices
         budget_tensor = int64_tensor(budgets, order.device)  # (num_layers, B)
         reference = encoder_reference_points(features).flatten(2)
@@ -110,8 +124,11 @@ class TokenSparseEncoder(DeformableEncoder):
                 continue
             indices = order[:, : min(size, num_tokens)]
             num_selected = indices.shape[1]
+            if topk_per_layer and num_selected < order.shape[1]:
+                indices = ranking.topk(num_selected, dim=1).indices
             valid = arange[None, :num_selected] < budget_tensor[layer][:, None]
-            valid &= ~padding_mask.gather(1, indices)  # guard only: the -inf ranking ensures it
+            # padded tokens are never written (with rank_padding_last, a guard only)
+            valid &= ~padding_mask.gather(1, indices)
             selections.append(
                 SelectedTokens(
                     indices=indices,

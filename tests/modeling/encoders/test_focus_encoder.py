@@ -56,6 +56,17 @@ def test_budgets_exact():
     # n = (41, 14), K = 41
     assert sizes == [41, 32, 24, 24, 16, 8]
     assert budgets == [[41, 14], [32, 11], [24, 8], [24, 8], [16, 5], [8, 2]]
+    # the reference's rule: image i writes min(k_l, n_i) of the k_l = int(c_l * K) gathered
+    sizes, budgets = compute_token_budgets((80, 26), 0.5, FACTORS, rule="batch")
+    assert sizes == [41, 32, 24, 24, 16, 8]
+    assert budgets == [[41, 14], [32, 14], [24, 14], [24, 14], [16, 14], [8, 8]]
+    # the two rules agree on one image, and on the image with the largest budget
+    for count in (1, 2, 7, 26, 80, 1001):
+        assert compute_token_budgets([count], 0.5, FACTORS) == compute_token_budgets(
+            [count], 0.5, FACTORS, rule="batch"
+        )
+    with pytest.raises(ValueError, match="'prefix'"):
+        compute_token_budgets((80, 26), 0.5, FACTORS, rule="prefix")
     # rho = 1: n_i is clamped to the valid count; an empty image writes nothing
     sizes, budgets = compute_token_budgets([3, 0], 1.0, (1.0, 0.2))
     assert sizes == [3, 1] and budgets == [[3, 0], [1, 0]]
@@ -63,8 +74,12 @@ def test_budgets_exact():
     assert compute_token_budgets([], 0.5, (1.0, 0.5)) == ([1, 1], [[], []])
 
 
-def test_cascade_budgets_and_writes_on_two_images():
-    encoder, heads = make_encoder()
+@pytest.mark.parametrize(
+    "padded_batches, small_image_writes",
+    [("reference", [14, 14, 14, 14, 14, 8]), ("per_image", [14, 11, 8, 8, 5, 2])],
+)
+def test_cascade_budgets_and_writes_on_two_images(padded_batches, small_image_writes):
+    encoder, heads = make_encoder(padded_batches=padded_batches)
     features = make_features()
     output = encoder(features, heads)
     assert isinstance(output, EncoderOutput)
@@ -72,7 +87,7 @@ def test_cascade_budgets_and_writes_on_two_images():
     assert [i.shape for i in output.layer_indices] == [(2, k) for k in (41, 32, 24, 24, 16, 8)]
     assert all(i.dtype == torch.int64 for i in output.layer_indices)
     written = torch.stack([valid.sum(1) for valid in output.layer_valid], 1)
-    assert written.tolist() == [[41, 32, 24, 24, 16, 8], [14, 11, 8, 8, 5, 2]]
+    assert written.tolist() == [[41, 32, 24, 24, 16, 8], small_image_writes]
     # each image writes the prefix of its indices, never a padded token
     for indices, valid, budget in zip(output.layer_indices, output.layer_valid, written.T):
         positions = torch.arange(indices.shape[1])[None]
@@ -89,7 +104,7 @@ def test_cascade_budgets_and_writes_on_two_images():
 
 
 def test_index_sets_are_nested_and_follow_the_foreground_ranking():
-    encoder, heads = make_encoder()
+    encoder, heads = make_encoder(padded_batches="per_image")
     features = make_features()
     output = encoder(features, heads)
     first = output.layer_indices[0]
@@ -106,15 +121,23 @@ def test_index_sets_are_nested_and_follow_the_foreground_ranking():
 
 
 def test_image_encoded_the_same_alone_or_in_a_batch():
-    encoder, heads = make_encoder(topk_sa=5, selector_input_mask="padding")
+    """The "per_image" option; the reference's encoding of the small image depends on its batch."""
     features = make_features()
-    batched = encoder(features, heads)
-    alone = encoder(select_images(features, slice(1, 2)), heads)
     valid = ~features.padding_mask[1]
-    torch.testing.assert_close(alone.memory[0][valid], batched.memory[1][valid])
-    assert [v.sum().item() for v in alone.layer_valid] == [
-        v[1].sum().item() for v in batched.layer_valid
-    ]
+    for padded_batches in ("per_image", "reference"):
+        encoder, heads = make_encoder(
+            topk_sa=5, selector_input_mask="padding", padded_batches=padded_batches
+        )
+        batched = encoder(features, heads)
+        alone = encoder(select_images(features, slice(1, 2)), heads)
+        writes_alone = [v.sum().item() for v in alone.layer_valid]
+        writes_batched = [v[1].sum().item() for v in batched.layer_valid]
+        if padded_batches == "per_image":
+            torch.testing.assert_close(alone.memory[0][valid], batched.memory[1][valid])
+            assert writes_alone == writes_batched
+        else:
+            assert not torch.allclose(alone.memory[0][valid], batched.memory[1][valid])
+            assert writes_alone == [14, 11, 8, 8, 5, 2] and writes_batched == [14] * 5 + [8]
 
 
 def test_topk_sa_is_clamped_on_a_tiny_image():
@@ -264,22 +287,92 @@ def test_selector_input_zeroes_the_invalid_proposal_ring():
         assert zero_rows == expected_zero, mask
 
 
-def test_loss_is_the_weighted_foreground_loss():
+@pytest.mark.parametrize("padded_batches", ["reference", "per_image"])
+def test_loss_is_the_weighted_foreground_loss(padded_batches):
     from focus_detr.modeling.encoders.base import EncoderLossInputs
 
-    encoder, heads = make_encoder(layer_keep_factors=(1.0, 0.5))
+    encoder, heads = make_encoder(layer_keep_factors=(1.0, 0.5), padded_batches=padded_batches)
     features = make_features()
     output = encoder(features, heads)
     boxes = [torch.tensor([[0.0, 0.0, 30.0, 30.0]]), torch.zeros(0, 4)]
     targets = [{"boxes_xyxy": b} for b in boxes]
     losses = encoder.losses(output, EncoderLossInputs(features, targets, criterion=None))
+    raw = output.extras["foreground_logits"]
+    reference = padded_batches == "reference"
     expected = 1.5 * foreground_loss(
-        output.token_scores,
+        raw,
         encoder.foreground_loss.targets(boxes, features.level_shapes, features.strides),
         features.padding_mask,
+        include_padding=reference,
     )
     assert list(losses) == ["loss_foreground"]
     torch.testing.assert_close(losses["loss_foreground"], expected)
+    # the reference trains the raw logits of the padded tokens (as negatives), the option not
+    raw.retain_grad()
+    losses["loss_foreground"].backward()
+    padded_grad = raw.grad[features.padding_mask]
+    assert (padded_grad > 0).all() if reference else (padded_grad == 0).all()
+
+
+class FixedLogits(nn.Module):
+    """A stand-in for the selector: the given (B, N) logits whatever the input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, features, padding_mask, level_shapes):
+        return self.logits.clone()
+
+
+def test_padded_logits_fill_and_fine_grained_scores():
+    """
+    Image 1 keeps 26 of the 80 tokens. Its padded logits are the batch's smallest (-9, below
+    the smallest valid -2): the reference fills padding with -9, the batch's raw minimum, and a
+    gathered padded token enters the dual attention's ranking with max(class logit) * (-9); the
+    option fills with the smallest valid logit and never lets a padded token be a candidate.
+    """
+    features = make_features()
+    padding = features.padding_mask
+    logits = torch.linspace(-2.0, 3.0, 160).view(2, 80).masked_fill(padding, -9.0)
+    for padded_batches, fill in (("reference", -9.0), ("per_image", -2.0)):
+        encoder, heads = make_encoder(padded_batches=padded_batches, topk_sa=64)
+        encoder.selector = FixedLogits(logits)
+        seen = []
+        encoder.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args))
+        output = encoder(features, heads)
+        scores = output.token_scores.detach()
+        assert (scores[padding] == fill).all() and torch.equal(scores[~padding], logits[~padding])
+        assert torch.equal(output.extras["foreground_logits"], logits)
+        query, indices = seen[0][0], output.layer_indices[0]
+        fine, candidates = seen[0][7], seen[0][8]
+        gathered_padding = padding.gather(1, indices)
+        assert gathered_padding[1].sum() == 41 - 26  # layer 0 gathers k = 41 per image
+        best_class = heads["class_head"](query).max(-1).values
+        torch.testing.assert_close(fine[gathered_padding], best_class[gathered_padding] * fill)
+        if padded_batches == "reference":
+            assert candidates.all()
+        else:
+            assert torch.equal(candidates, output.layer_valid[0])
+            assert not candidates[gathered_padding].any()
+
+
+def test_reference_runs_a_top_k_per_layer():
+    """
+    The reference ranks the filled scores afresh in every layer: where padded tokens tie, the
+    order torch.topk gives them depends on k, so a layer's padded picks need not be a prefix of
+    the layer before's. Image 1 gathers 15 tied padded tokens in layer 0 and 6 in layer 1.
+    """
+    features = make_features()
+    encoder, heads = make_encoder(padded_batches="reference")
+    output = encoder(features, heads)
+    scores = output.token_scores.detach()
+    for indices in output.layer_indices:
+        assert torch.equal(indices, scores.topk(indices.shape[1], dim=1).indices)
+    # the written tokens (valid, untied) are prefixes of one ranking all the same
+    first = output.layer_indices[0]
+    for indices, valid in zip(output.layer_indices, output.layer_valid):
+        assert torch.equal(indices[valid], first[:, : indices.shape[1]][valid])
 
 
 def test_mismatched_inputs():

@@ -88,6 +88,56 @@ def test_global_mean_ignores_padding_and_batch():
     torch.testing.assert_close(alone[~mask[1:]], logits[1][~mask[1]])
 
 
+def test_with_padding_included_by_hand():
+    """
+    ``include_padding`` (the reference): the global half is averaged over every token of the
+    level, padding included, and the coarse level's raw logits, padded ones included, are
+    upsampled into the finer level. Image 1 keeps 4 x 3 of 6 x 5 and 2 x 2 of 3 x 3 cells.
+
+    The modulation ``x * (1 + alpha * up)`` scales each token by one number, which the scoring
+    network's first LayerNorm removes unless the number is negative: alpha = 10 flips the sign
+    of a token, so that the raw padded logits make a difference.
+    """
+    torch.manual_seed(0)
+    shapes = [(6, 5), (3, 3)]
+    mask = padding_mask(shapes, [[(6, 5), (3, 3)], [(4, 3), (2, 2)]])
+    features = torch.randn(2, 39, C, dtype=torch.float64)
+    selector = ForegroundTokenSelector(embed_dim=C, num_levels=2, include_padding=True).double()
+    with torch.no_grad():
+        selector.alpha.fill_(10.0)
+    logits = selector(features, mask, shapes)
+
+    def score(x):  # the scoring network with the plain mean over all the level's tokens
+        hidden = selector.hidden_features(x)
+        context = hidden[..., C // 2 :].mean(dim=1, keepdim=True)
+        local = hidden[..., : C // 2]
+        return selector.output_layers(torch.cat([local, context.expand_as(local)], -1))[..., 0]
+
+    def fine_level(top_map):
+        up = F.interpolate(
+            top_map.view(2, 1, 3, 3), size=(6, 5), mode="bilinear", align_corners=True
+        )
+        return score(features[:, :30] * (1 + 10.0 * up.flatten(1)[..., None]))
+
+    top = score(features[:, 30:])
+    torch.testing.assert_close(logits, torch.cat([fine_level(top), top], dim=1))
+    # zeroing the padded logits before the upsampling would change the fine level
+    zeroed = fine_level(top.masked_fill(mask[:, 30:], 0.0))
+    assert not torch.allclose(zeroed, logits[:, :30])
+
+    # the padding now changes the image's valid scores, which the default never lets it do
+    noisy = torch.where(mask[..., None], 100 * torch.randn_like(features), features)
+    assert not torch.allclose(selector(noisy, mask, shapes)[~mask], logits[~mask])
+    selector.include_padding = False
+    torch.testing.assert_close(
+        selector(noisy, mask, shapes)[~mask], selector(features, mask, shapes)[~mask]
+    )
+    # on the coarsest level the mean alone differs: equal for the unpadded image 0 only
+    without = selector(features, mask, shapes)
+    torch.testing.assert_close(without[0, 30:], top[0])
+    assert not torch.allclose(without[1, 30:], top[1])
+
+
 def test_gradients_reach_parameters_and_inputs():
     torch.manual_seed(0)
     shapes = [(4, 4), (2, 2), (1, 1)]

@@ -185,6 +185,41 @@ def test_focal_loss_normalised_by_positive_count_per_image():
     torch.testing.assert_close(foreground_loss(changed, targets, padding), expected)
 
 
+def test_focal_loss_with_padding_as_negatives():
+    """The reference: padded tokens count as negatives with their own logits."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6)
+    targets = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.float32)
+    padding = torch.tensor([[False] * 6, [False] * 3 + [True] * 3])
+    loss = foreground_loss(logits, targets, padding, include_padding=True)
+    # by hand: alpha-weighted (1 - p_t)^2 * BCE over all 6 tokens of each image
+    p = logits.sigmoid()
+    p_t = torch.where(targets > 0, p, 1 - p)
+    alpha_t = torch.where(targets > 0, 0.25, 0.75)
+    per_token = -alpha_t * (1 - p_t) ** 2 * torch.log(p_t)
+    expected = (per_token[0].sum() / 3 + per_token[1].sum() / 1) / 2
+    torch.testing.assert_close(loss, expected)
+    # the padded logits matter now: a confident padded token costs more
+    changed = logits.clone()
+    changed[1, 3:] = 5.0
+    assert foreground_loss(changed, targets, padding, include_padding=True) > loss + 1.0
+    torch.testing.assert_close(
+        foreground_loss(changed, targets, padding), foreground_loss(logits, targets, padding)
+    )
+    module = ForegroundLoss(num_levels=2, include_padding=True, weight=2.0)
+    targets_2d = compute_foreground_targets(
+        [torch.tensor([[0.0, 0.0, 9.0, 9.0]]), torch.zeros(0, 4)], SHAPES, STRIDES, module.ranges
+    )
+    logits_2d = torch.randn(2, 20)
+    padding_2d = torch.zeros(2, 20, dtype=torch.bool)
+    padding_2d[1, 2:] = True
+    boxes = [torch.tensor([[0.0, 0.0, 9.0, 9.0]]), torch.zeros(0, 4)]
+    torch.testing.assert_close(
+        module(logits_2d, padding_2d, SHAPES, STRIDES, boxes),
+        2.0 * foreground_loss(logits_2d, targets_2d, padding_2d, include_padding=True),
+    )
+
+
 def test_foreground_loss_module_applies_weight():
     torch.manual_seed(0)
     boxes = [torch.tensor([[0.0, 0.0, 9.0, 9.0]]), torch.zeros(0, 4)]

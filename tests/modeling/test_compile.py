@@ -28,21 +28,10 @@ def _assert_same_outputs(expected, actual, **tolerance):
             torch.testing.assert_close(getattr(actual, name), getattr(expected, name), **tolerance)
 
 
-# the demo configs, and the Focus demo with the reference's padded-batch behaviour
-COMPILED_CONFIGS = DEMO_CONFIGS + ("focus_detr_reference_padding",)
-
-
-@pytest.mark.parametrize("name", COMPILED_CONFIGS)
+@pytest.mark.parametrize("name", DEMO_CONFIGS)
 def test_encoder_and_decoder_compile_without_graph_breaks(name):
     torch.manual_seed(0)
-    reference_padding = name.endswith("_reference_padding")
-    name = name.replace("_reference_padding", "")
-    cfg = LazyConfig.load(str(CONFIG_DIR / f"{name}_demo_shapes.py"))
-    if reference_padding:
-        cfg.model.encoder.padded_batches = "reference"
-        cfg.model.query_selection.select_invalid_tokens = True
-        cfg.model.query_selection.select_padded_tokens = True
-    model = instantiate(cfg.model).eval()
+    model = instantiate(LazyConfig.load(str(CONFIG_DIR / f"{name}_demo_shapes.py")).model).eval()
     inputs = [{"image": make_image(160, 192)}, {"image": make_image(128, 192, seed=1)}]
     with torch.no_grad():
         features = model.flatten_features(model.preprocess_image(inputs))
@@ -58,6 +47,26 @@ def test_encoder_and_decoder_compile_without_graph_breaks(name):
         compiled_decoder = torch.compile(model.decoder, fullgraph=True, backend="eager")
         _assert_same_outputs(encoded, compiled_encoder(features, heads), rtol=0, atol=0)
         _assert_same_outputs(decoded, compiled_decoder(*decoder_args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padded_batches", ["reference", "per_image"])
+def test_focus_encoder_compiles_on_a_padded_batch(padded_batches):
+    """Both padded-batch behaviours in one graph: budgets, fill, top-k per layer, candidates."""
+    cfg = LazyConfig.load(str(CONFIG_DIR / "focus_detr_demo_shapes.py"))
+    cfg.model.encoder.padded_batches = padded_batches
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).eval()
+    inputs = [{"image": make_image(160, 192)}, {"image": make_image(96, 128, seed=1)}]
+    with torch.no_grad():
+        features = model.flatten_features(model.preprocess_image(inputs))
+        assert features.padding_mask[1].any()
+        heads = {
+            name: model.query_selection.shared_heads()[name]
+            for name in ("memory_projection", "class_head")
+        }
+        encoded = model.encoder(features, heads)
+        compiled = torch.compile(model.encoder, fullgraph=True, backend="eager")
+        _assert_same_outputs(encoded, compiled(features, heads), rtol=0, atol=0)
 
 
 def _detections(outputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:

@@ -86,7 +86,7 @@ class TokenSparseEncoder(DeformableEncoder):
         tokens of the ranking and image i writes its first ``b_il`` (see
         :func:`compute_token_budgets`); the budgets come from the images' valid token counts
         as Python ints, so nothing is read back from the device. Layers with the same factor as
-        the layer before share its selection. Padded tokens are never written.
+        the layer before share its selection.
 
         Args:
             features: flattened tokens and geometry.

@@ -5,6 +5,7 @@ repository root, for ``train_net``) on the path, in every import mode and in the
 detectron2's ``launch`` spawns (they receive the parent's path).
 """
 
+import logging
 import os
 import types
 
@@ -57,3 +58,18 @@ def shapes(tmp_path_factory):
     return types.SimpleNamespace(
         root=root, prefix=prefix, names=helpers.register_tiny_shapes(root, prefix)
     )
+
+
+@pytest.fixture
+def log(caplog):
+    """
+    ``caplog`` at INFO that also sees the "focus_detr" and "detectron2" loggers, which
+    detectron2's ``setup_logger`` (called by ``train_net.main``) stops from propagating.
+    """
+    loggers = [logging.getLogger(name) for name in ("focus_detr", "detectron2")]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    for logger in loggers:
+        logger.removeHandler(caplog.handler)

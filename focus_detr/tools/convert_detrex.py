@@ -1,7 +1,7 @@
 """
 Convert a Focus-DETR checkpoint trained with detrex (``projects/focus_detr``) to this package.
 
-    python -m focus_detr.tools.convert_detrex INPUT.pth OUTPUT.pth [--full-unpickle]
+    python -m focus_detr.tools.convert_detrex INPUT.pth OUTPUT.pth [--full-unpickle] [--overwrite]
 
 INPUT is what detectron2's checkpointer writes (``{"model": state_dict, ...}``) or a bare state
 dict. OUTPUT is ``{"model": state_dict}`` with this package's names, for
@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..utils.output_files import OutputPathError, check_output_file
 from .detrex_names import BACKBONE_PATTERNS, DECODER_LAYERS, NAME_TABLE
 
 __all__ = ["convert_detrex_state_dict", "load_state_dict", "main"]
@@ -230,11 +231,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="store_true",
         help="load INPUT with full pickle support (runs code from the file: trusted files only)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT when it exists or is INPUT (never done without this flag)",
+    )
     args = parser.parse_args(argv)
     try:
+        check_output_file(args.output, inputs=(args.input,), overwrite=args.overwrite)
         state_dict = load_state_dict(args.input, full_unpickle=args.full_unpickle)
         converted = convert_detrex_state_dict(state_dict)
-    except ValueError as error:
+    except (ValueError, OutputPathError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     torch.save({"model": converted}, args.output)

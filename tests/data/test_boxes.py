@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from helpers import tiny_train_config
 from PIL import Image
@@ -67,9 +68,11 @@ def test_the_mapper_drops_a_negative_width_box_instead_of_reordering_it(tmp_path
     path = tmp_path / "image.png"
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(path)
     record = _record(str(path), [[20, 5, -10, 10], [2, 3, 4, 5]])
-    mapper = DatasetMapper(is_train=True, augmentations=[], image_format="RGB")
+    # a transform maps the corners of a box: detectron2 takes their minimum and maximum
+    double = T.ResizeTransform(30, 40, 60, 80)
+    mapper = DatasetMapper(is_train=True, augmentations=[double], image_format="RGB")
     boxes = mapper(record)["instances"].gt_boxes.tensor.tolist()
-    assert boxes == [[2.0, 3.0, 6.0, 8.0]]  # detectron2's mapper adds [10, 5, 20, 15]
+    assert boxes == [[4.0, 6.0, 12.0, 16.0]]  # detectron2's mapper adds [20, 10, 40, 30]
 
 
 def test_the_preflight_drops_them_from_the_training_set_and_counts_the_test_set(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
 from helpers import tiny_train_config
 from PIL import Image
 
@@ -100,6 +101,15 @@ def test_the_mapper_reads_with_the_same_reader_and_names_the_file(tmp_path, is_t
     # detectron2's own check of the size the dataset declares
     with pytest.raises(SampleLoadError, match="gray16.png: SizeMismatchError"):
         mapper(dict(record, width=65))
+    # an augmentation that fails (a 1-pixel strip resized to a long side of 64 has no rows)
+    thin = _save(tmp_path, "strip.png", np.zeros((1, 400, 3), np.uint8))
+    resizing = DatasetMapper(
+        is_train=is_train,
+        augmentations=[T.ResizeShortestEdge(64, max_size=64)],
+        image_format="RGB",
+    )
+    with pytest.raises(SampleLoadError, match=f"Failed to load image {thin}: ValueError: height"):
+        resizing({"file_name": thin, "height": 1, "width": 400, "annotations": []})
 
 
 def test_a_truncated_image_of_the_test_split_is_named_from_a_loader_worker(shapes, tmp_path):

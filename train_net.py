@@ -49,6 +49,7 @@ from focus_detr.engine import (
     check_output_dir,
     check_run_dir,
     forward_stop_signals_to_children,
+    ignore_stop_signals_in_workers,
     load_for_eval,
     resume_advice,
     run_preflight,
@@ -90,7 +91,7 @@ def do_test(cfg, model) -> OrderedDict:
         return OrderedDict()
     results = inference_on_dataset(
         FileNamingModel(model),
-        instantiate(cfg.dataloader.test),
+        ignore_stop_signals_in_workers(instantiate(cfg.dataloader.test)),
         instantiate(cfg.dataloader.evaluator),
     )
     if comm.is_main_process():
@@ -178,8 +179,10 @@ def do_train(cfg, *, resume: bool = False, resume_from=_CHECK) -> OrderedDict:
             f"train.max_iter to train longer). Evaluating its weights"
         )
         return evaluate()
-    trainer.data_loader = build_resumable_train_loader(
-        cfg.dataloader.train, start_iter=start_iter, seed=trainer.seed, dataset=train_dataset
+    trainer.data_loader = ignore_stop_signals_in_workers(
+        build_resumable_train_loader(
+            cfg.dataloader.train, start_iter=start_iter, seed=trainer.seed, dataset=train_dataset
+        )
     )
     try:
         trainer.train(start_iter, cfg.train.max_iter)

@@ -7,7 +7,12 @@ from .overrides import ConfigOverrideError, apply_overrides
 from .precision import amp_from_config
 from .preflight import PreflightError, check_output_dir, run_preflight
 from .run_checks import RunDirError, check_eval_weights, check_run_dir
-from .signals import StopOnSignalHook, TrainingInterrupted, forward_stop_signals_to_children
+from .signals import (
+    StopOnSignalHook,
+    TrainingInterrupted,
+    forward_stop_signals_to_children,
+    ignore_stop_signals_in_workers,
+)
 from .trainer import DETRTrainer
 
 __all__ = [
@@ -32,6 +37,7 @@ __all__ = [
     "check_output_dir",
     "check_run_dir",
     "forward_stop_signals_to_children",
+    "ignore_stop_signals_in_workers",
     "load_for_eval",
     "resume_advice",
     "run_preflight",

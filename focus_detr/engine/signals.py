@@ -9,8 +9,9 @@ evaluation, metrics), the main process saves ``model_{iteration:07d}.pth`` atomi
 (:class:`~focus_detr.engine.checkpoint.SafeCheckpointer`) and every process raises
 :class:`TrainingInterrupted`. With several processes, they agree at every step on whether any of
 them received a signal (a one-integer all-reduce on the CPU), so all stop after the same step.
-A second signal while stopping is ignored (SIGKILL stops at once, losing the current step), and
-so are signals that reach the loader workers forked from the trainer (the trainer stops them).
+A second signal while stopping is ignored (SIGKILL stops at once, losing the current step).
+Loader workers must outlive the signal until the step ends: :func:`ignore_stop_signals_in_workers`
+makes them ignore it unless their trainer sends it, whether they are forked or spawned.
 """
 
 import logging
@@ -30,6 +31,7 @@ __all__ = [
     "StopOnSignalHook",
     "TrainingInterrupted",
     "forward_stop_signals_to_children",
+    "ignore_stop_signals_in_workers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ class StopOnSignalHook(HookBase):
 
     def _on_signal(self, signum, frame) -> None:
         if os.getpid() != self._pid:
-            return  # a loader worker forked from the trainer: the trainer stops it
+            return  # a process forked from the trainer: the trainer stops it
         name = signal.Signals(signum).name
         if self.received:
             _say(f"{name}: already stopping after the current step (SIGKILL stops at once)")
@@ -158,3 +160,52 @@ def forward_stop_signals_to_children() -> None:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, forward)
+
+
+def _obey_sigterm_of(parent: int) -> None:
+    """Wait for SIGTERM (blocked in every thread); die of the one ``parent`` sends, only."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to this thread: default action
+
+
+class _IgnoreStopSignals:
+    """
+    A loader's ``worker_init_fn``: ignore SIGINT; ignore SIGTERM too, except from the trainer
+    (which terminates its workers with it when it exits); then run ``then`` (if any).
+    """
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "sigwaitinfo"):  # not on macOS: SIGTERM keeps its default there
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # threads started from now on inherit the mask; the worker has none before
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            threading.Thread(
+                target=_obey_sigterm_of, args=(os.getppid(),), daemon=True, name="sigterm"
+            ).start()
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def ignore_stop_signals_in_workers(loader):
+    """
+    ``loader`` (a ``torch.utils.data.DataLoader`` with workers; anything else is returned as it
+    is), its workers ignoring SIGINT and SIGTERM from anyone but their trainer: a Ctrl-C reaches
+    every process of the terminal's process group, and a scheduler's SIGTERM often every process
+    of the job, and a worker that died of it would fail the step that the trainer finishes
+    before it stops. The trainer still shuts its workers down (SIGTERM included), and they exit
+    when it dies.
+    """
+    if (
+        isinstance(loader, torch.utils.data.DataLoader)
+        and loader.num_workers > 0
+        and not isinstance(loader.worker_init_fn, _IgnoreStopSignals)
+    ):
+        loader.worker_init_fn = _IgnoreStopSignals(loader.worker_init_fn)
+    return loader

@@ -197,6 +197,8 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = apply_overrides(cfg, args.opts)  # unknown keys are errors
     random_weights = getattr(args, "random_weights", False)
+    if random_weights and not args.eval_only:
+        raise ValueError("--random-weights is an option of --eval-only (training starts from them)")
     # Before default_setup writes its log and config.yaml into train.output_dir: nothing of an
     # earlier run is overwritten, and the weights to load fit the model.
     if args.eval_only:

@@ -33,6 +33,7 @@ _EIGHT_BIT_MODES = ("1", "L", "P", "PA", "LA", "RGB", "RGBA", "RGBa", "RGBX", "C
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 SUPPORTED_MODES = _EIGHT_BIT_MODES + _SIXTEEN_BIT_MODES + ("I", "F")
 _FORMATS = ("RGB", "BGR", "L")
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 class ImageReadError(ValueError):
@@ -85,7 +86,8 @@ def read_image(path: str, format: str = "RGB") -> np.ndarray:
         with PathManager.open(path, "rb") as f:
             image = Image.open(f)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if image.getexif().get(_ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
     except Exception as error:
         raise ImageReadError(
             f"Cannot read image {path}: {type(error).__name__}: {error}"

@@ -71,6 +71,21 @@ def test_8_bit_modes_are_converted_as_pillow_converts_them(tmp_path, mode):
     np.testing.assert_array_equal(read_image(str(path)), np.asarray(image.convert("RGB")))
 
 
+def test_the_exif_orientation_is_applied_as_detectron2_applies_it(tmp_path):
+    from detectron2.data.detection_utils import read_image as detectron2_read_image
+
+    pixels = np.zeros((10, 20, 3), np.uint8)
+    pixels[0, :5] = 255
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    path = str(tmp_path / "rotated.png")
+    image.save(path, exif=exif.tobytes())
+    rotated = read_image(path)
+    assert rotated.shape == (20, 10, 3)
+    np.testing.assert_array_equal(rotated, detectron2_read_image(path, format="RGB"))
+
+
 def test_unsupported_modes_and_damaged_files_are_named(tmp_path):
     path = tmp_path / "lab.tif"
     Image.new("LAB", (4, 4)).save(path)

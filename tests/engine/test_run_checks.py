@@ -155,6 +155,8 @@ def test_eval_only_needs_weights_that_fit_or_random_weights(finished, shapes, tm
     weights = f"train.init_checkpoint={run / 'model_final.pth'}"
     with pytest.raises(RunDirError, match="drop one of them"):
         _main(config_file, out, "--eval-only", "--random-weights", overrides=[weights])
+    with pytest.raises(ValueError, match="--random-weights is an option of --eval-only"):
+        _main(config_file, out, "--random-weights")
     results = _main(config_file, out, "--eval-only", "--random-weights")
     assert 0.0 <= results["bbox"]["AP"] <= 100.0
     results = _main(config_file, tmp_path / "eval2", "--eval-only", overrides=[weights])

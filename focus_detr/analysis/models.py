@@ -9,7 +9,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.registry import locate
 from omegaconf import OmegaConf
 
-from focus_detr.engine import load_for_eval
+from focus_detr.engine import apply_overrides, load_for_eval
 from focus_detr.modeling import DETREncoder
 
 __all__ = [
@@ -107,7 +107,7 @@ def load_analyzed_configs(
         path = None if path.strip().lower() in RANDOM_WEIGHTS else path
         if path is not None and "://" not in path and not os.path.isfile(path):
             raise AnalysisError(f"weights file of {name} not found: {path}")
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
+        cfg = apply_overrides(LazyConfig.load(config_file), list(overrides))
         configs.append(AnalyzedConfig(name, config_file, path, cfg))
     return configs
 

@@ -52,19 +52,33 @@ def _select(cfg, key: str):
 def _target_arguments(node) -> Optional[List[str]]:
     """
     The keyword arguments of the ``_target_`` of a LazyCall ``node``; None when it has no
-    target, or when the target takes any keyword (``**kwargs``) or cannot be inspected.
+    target, or when the target takes any keyword (``**kwargs``) or cannot be inspected. A class
+    whose ``__init__`` passes ``**kwargs`` on to its base classes' takes theirs as well.
     """
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return None
     target = node._get_node("_target_")._value()
     try:
         target = locate(target) if isinstance(target, str) else target
-        parameters = inspect.signature(target).parameters.values()
+        signatures = [inspect.signature(target)]
+        if isinstance(target, type):
+            signatures = [
+                inspect.signature(cls.__init__) for cls in target.__mro__ if "__init__" in vars(cls)
+            ]
     except Exception:
         return None
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return [p.name for p in parameters if p.kind != inspect.Parameter.VAR_POSITIONAL]
+    names = []
+    for signature in signatures:
+        parameters = list(signature.parameters.values())
+        names += [
+            p.name
+            for p in parameters
+            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            and p.name != "self"
+        ]
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return names
+    return None  # **kwargs all the way up (or into a function): any keyword may be meant
 
 
 def _valid(cfg, key: str) -> bool:

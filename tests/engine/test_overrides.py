@@ -23,7 +23,9 @@ def _demo():
         ("train.init_checkpiont=weights.pth", "train.init_checkpoint"),
         ("trian.max_iter=2", "train.max_iter"),
         ("model.encoder.num_layer=2", "model.encoder.num_layers"),
-        ("model.neck_num_group=8", "model.neck_num_groups"),  # an argument of the model
+        ("model.position_embeding=None", "model.position_embedding"),  # an argument of the model
+        # the encoder passes **kwargs to its base class: still checked, against both
+        ("model.encoder.num_head=2", "model.encoder.num_heads"),
     ],
 )
 def test_a_mistyped_key_is_rejected_naming_the_nearest_valid_one(override, nearest):
@@ -43,13 +45,15 @@ def test_valid_overrides_arguments_of_targets_and_added_keys():
             "train.max_iter=7",
             "train.amp.enabled=False",
             "dataloader.train.mapper.augmentations.1.short_edge_length=100",
-            "model.neck_num_groups=8",  # not in the config: an argument of TwoStageDETR
+            "model.position_embedding=null",  # not in the config: an argument of TwoStageDETR
+            "model.encoder.selector_hidden_dim=64",  # likewise, of the Focus encoder
             "+train.my_option=3",
         ],
     )
     assert cfg.train.max_iter == 7 and cfg.train.amp.enabled is False
     assert cfg.dataloader.train.mapper.augmentations[1].short_edge_length == 100
-    assert cfg.model.neck_num_groups == 8 and cfg.train.my_option == 3
+    assert cfg.model.position_embedding is None and cfg.model.encoder.selector_hidden_dim == 64
+    assert cfg.train.my_option == 3
     with pytest.raises(ConfigOverrideError, match=r"which the config has already: drop the '\+'"):
         apply_overrides(_demo(), ["+train.max_iter=3"])
 

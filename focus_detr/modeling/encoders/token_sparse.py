@@ -76,6 +76,8 @@ class TokenSparseEncoder(DeformableEncoder):
         features: FlattenedFeatures,
         logits: torch.Tensor,
         layer_keep_factors: Sequence[float],
+        *,
+        rank_padding_last: bool = True,
     ) -> List[SelectedTokens]:
         """
         One ranking for all layers (no gradient through it): layer l takes the first ``k_l``
@@ -86,8 +88,11 @@ class TokenSparseEncoder(DeformableEncoder):
 
         Args:
             features: flattened tokens and geometry.
-            logits: (B, N) token scores; higher ranks first, padded tokens rank last.
+            logits: (B, N) token scores; higher ranks first.
             layer_keep_factors: c_l in (0, 1], one per layer.
+            rank_padding_last: True: padded tokens rank after every valid token, whatever
+                ``logits`` holds; False: they rank by their entry in ``logits`` (the reference
+                fills it with the batch's smallest logit, so padded tokens tie with each other).
 
         Returns:
             One :class:`SelectedTokens` per layer.
@@ -97,8 +102,10 @@ class TokenSparseEncoder(DeformableEncoder):
         layer_sizes, budgets = compute_token_budgets(
             features.valid_token_counts, self.keep_ratio, layer_keep_factors
         )
-        # -inf puts every padded token after every valid one, even on ties with the minimum
-        ranking = logits.detach().masked_fill(padding_mask, float("-inf"))
+        ranking = logits.detach()
+        if rank_padding_last:
+            # -inf puts every padded token after every valid one, even on ties with the minimum
+            ranking = ranking.masked_fill(padding_mask, float("-inf"))
         order = ranking.topk(min(max(layer_sizes), num_tokens), dim=1).indices
         budget_tensor = int64_tensor(budgets, order.device)  # (num_layers, B)
         reference = encoder_reference_points(features).flatten(2)
@@ -111,7 +118,8 @@ class TokenSparseEncoder(DeformableEncoder):
             indices = order[:, : min(size, num_tokens)]
             num_selected = indices.shape[1]
             valid = arange[None, :num_selected] < budget_tensor[layer][:, None]
-            valid &= ~padding_mask.gather(1, indices)  # guard only: the -inf ranking ensures it
+            # padded tokens are never written (with rank_padding_last, a guard only)
+            valid &= ~padding_mask.gather(1, indices)
             selections.append(
                 SelectedTokens(
                     indices=indices,
@@ -132,6 +140,7 @@ class TokenSparseEncoder(DeformableEncoder):
         update: TokenUpdate,
         *,
         keep_written: bool = False,
+        carry_unwritten: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """
         Every layer gathers its selected tokens from the current memory, ``update`` computes
@@ -142,7 +151,12 @@ class TokenSparseEncoder(DeformableEncoder):
             features: flattened tokens and geometry; ``features.tokens`` is the initial memory.
             selections: one :class:`SelectedTokens` per layer (:meth:`select_tokens`).
             update: computes a layer's updated tokens (see :data:`TokenUpdate`).
-            keep_written: also return what every layer wrote back.
+            keep_written: also return what every layer wrote back (with ``carry_unwritten``:
+                its output for every gathered token).
+            carry_unwritten: a layer with the selection of the layer before takes that layer's
+                output as its query for every gathered token, so that the tokens it does not
+                write (beyond an image's budget, padding) keep their updates from layer to
+                layer, as Sparse DETR's encoder does; the memory is the same either way.
 
         Returns:
             ``(memory (B, N, C), written)``: per layer the (B, k, C) tokens written back when
@@ -151,12 +165,17 @@ class TokenSparseEncoder(DeformableEncoder):
         channels = features.tokens.shape[-1]
         memory = features.tokens
         written_per_layer: List[torch.Tensor] = []
+        updated = None
         for layer_index, selected in enumerate(selections):
             token_index = selected.indices.unsqueeze(-1).expand(-1, -1, channels)
-            query = memory.gather(1, token_index)
+            current = memory.gather(1, token_index)
+            query = current
+            if carry_unwritten and layer_index > 0 and selected is selections[layer_index - 1]:
+                # the written tokens' memory is their previous output: only unwritten ones change
+                query = updated
             updated = update(layer_index, query, selected, memory)
-            written = torch.where(selected.valid.unsqueeze(-1), updated, query)
+            written = torch.where(selected.valid.unsqueeze(-1), updated, current)
             memory = memory.scatter(1, token_index, written)
             if keep_written:
-                written_per_layer.append(written)
+                written_per_layer.append(updated if carry_unwritten else written)
         return memory, written_per_layer

@@ -11,12 +11,19 @@ that a resumed run continues exactly.
     python train_net.py --config-file ... --eval-only train.init_checkpoint=model_final.pth
     python train_net.py --config-file ... --resume
 
-The ``train`` keys it reads are those of configs/common/train.py.
+The ``train`` keys it reads are those of configs/common/train.py. Before it writes anything into
+``train.output_dir`` it checks that nothing of an earlier run is lost and that the weights fit
+(focus_detr.engine.run_checks): a folder with checkpoints needs ``--resume`` (or
+``train.overwrite=True``), ``--eval-only`` needs ``train.init_checkpoint`` (or
+``--random-weights``). Command-line overrides must name existing keys (``+key=value`` adds one).
+SIGINT and SIGTERM stop training after the current step with a checkpoint to resume from.
 """
 
 import logging
+import sys
 from collections import OrderedDict
 
+import torch.multiprocessing
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -28,13 +35,21 @@ from focus_detr.data import build_resumable_train_loader
 from focus_detr.engine import (
     BoundedHistoryHook,
     DETRTrainer,
+    FileNamingModel,
     IterationSeedHook,
     ModelEMA,
     NonFiniteLossError,
     SafeCheckpointer,
+    StopOnSignalHook,
+    TrainingInterrupted,
     amp_from_config,
+    apply_overrides,
     build_model,
+    check_eval_weights,
     check_output_dir,
+    check_run_dir,
+    forward_stop_signals_to_children,
+    ignore_stop_signals_in_workers,
     load_for_eval,
     resume_advice,
     run_preflight,
@@ -43,31 +58,58 @@ from focus_detr.engine import (
 
 logger = logging.getLogger("detectron2")
 
+_CHECK = object()  # do_train's resume_from default: check the output folder itself
+
 
 def _option(cfg, key: str, default):
     """``cfg.train.<key>``, or ``default`` for configs without it."""
     return OmegaConf.select(cfg, f"train.{key}", default=default)
 
 
+def _on_main_process(check):
+    """``check()`` in the main process only; its result, or its error, in every process."""
+    if comm.get_world_size() == 1:
+        return check()
+    result = error = None
+    if comm.is_main_process():
+        try:
+            result = check()
+        except Exception as raised:
+            error = raised
+    result, error = comm.all_gather((result, error))[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def do_test(cfg, model) -> OrderedDict:
-    """Run ``cfg.dataloader.evaluator`` on ``cfg.dataloader.test``; prints the COCO table."""
+    """
+    Run ``cfg.dataloader.evaluator`` on ``cfg.dataloader.test``; prints the COCO table. A
+    failure of the model names the images of the batch.
+    """
     if "evaluator" not in cfg.dataloader:
         return OrderedDict()
     results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        FileNamingModel(model),
+        ignore_stop_signals_in_workers(instantiate(cfg.dataloader.test)),
+        instantiate(cfg.dataloader.evaluator),
     )
     if comm.is_main_process():
         print_csv_format(results)
     return results
 
 
-def do_train(cfg, *, resume: bool = False) -> OrderedDict:
+def do_train(cfg, *, resume: bool = False, resume_from=_CHECK) -> OrderedDict:
     """
     Train ``cfg.model`` as the config says; returns the last evaluation's results. With
-    ``resume`` the last checkpoint of ``cfg.train.output_dir`` is loaded with the iteration,
-    optimizer, LR schedule, grad scaler, EMA and run seed, and training continues with the
-    batches and randomness an uninterrupted run would have had.
+    ``resume`` the newest intact checkpoint of ``cfg.train.output_dir`` is loaded with the
+    iteration, optimizer, LR schedule, grad scaler, EMA and run seed, and training continues with
+    the batches and randomness an uninterrupted run would have had; a run that is complete is
+    evaluated only. ``resume_from``: the checkpoint :func:`check_run_dir` chose (None: start
+    from scratch); by default it is chosen here.
     """
+    if resume_from is _CHECK:
+        resume_from = _on_main_process(lambda: check_run_dir(cfg, resume=resume))
     train_dataset = run_preflight(cfg, check_output=comm.is_main_process())
     model = build_model(cfg)
     logger.info(f"Model:\n{model}")
@@ -115,18 +157,32 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
                 if main
                 else None
             ),
-            BoundedHistoryHook(),  # last: after the writers read the step's scalars
+            BoundedHistoryHook(),  # after the writers read the step's scalars
+            StopOnSignalHook(checkpointer),  # last: saves after every other hook's step
         ]
     )
     seed = _option(cfg, "seed", -1)
     # one run seed for all processes; a resumed run takes the one of its checkpoint
     trainer.seed = seed if seed is not None and seed >= 0 else comm.shared_random_seed()
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    if resume_from:
+        checkpointer.load(resume_from)  # weights and every checkpointable
+        start_iter = trainer.iter + 1
+    else:
+        checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
+        start_iter = 0
     if ema is not None and ema.updates == 0:
         ema.copy_from(model)  # start the average from the loaded weights
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
-    trainer.data_loader = build_resumable_train_loader(
-        cfg.dataloader.train, start_iter=start_iter, seed=trainer.seed, dataset=train_dataset
+    if start_iter >= cfg.train.max_iter:
+        logger.info(
+            f"{resume_from} is of iteration {start_iter - 1}: the run of train.max_iter="
+            f"{cfg.train.max_iter} iterations is complete and nothing is trained (raise "
+            f"train.max_iter to train longer). Evaluating its weights"
+        )
+        return evaluate()
+    trainer.data_loader = ignore_stop_signals_in_workers(
+        build_resumable_train_loader(
+            cfg.dataloader.train, start_iter=start_iter, seed=trainer.seed, dataset=train_dataset
+        )
     )
     try:
         trainer.train(start_iter, cfg.train.max_iter)
@@ -139,29 +195,63 @@ def do_train(cfg, *, resume: bool = False) -> OrderedDict:
 
 def main(args):
     cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    if comm.is_main_process():
-        check_output_dir(cfg.train.output_dir)  # before default_setup writes its log there
+    cfg = apply_overrides(cfg, args.opts)  # unknown keys are errors
+    random_weights = getattr(args, "random_weights", False)
+    if random_weights and not args.eval_only:
+        raise ValueError("--random-weights is an option of --eval-only (training starts from them)")
+    # Before default_setup writes its log and config.yaml into train.output_dir: nothing of an
+    # earlier run is overwritten, and the weights to load fit the model.
+    if args.eval_only:
+        _on_main_process(lambda: check_eval_weights(cfg, random_weights=random_weights))
+    else:
+        if comm.is_main_process():
+            check_output_dir(cfg.train.output_dir)
+        resume_from = _on_main_process(lambda: check_run_dir(cfg, resume=args.resume))
     default_setup(cfg, args)
     # focus_detr's own messages (dataset generation, extension fallback) in the same log
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="focus_detr")
     if args.eval_only:
         model = build_model(cfg)
-        load_for_eval(cfg, model)
+        if not random_weights:
+            load_for_eval(cfg, model)
         return do_test(cfg, wrap_ddp(model))
-    return do_train(cfg, resume=args.resume)
+    try:
+        return do_train(cfg, resume=args.resume, resume_from=resume_from)
+    except TrainingInterrupted as stop:
+        if comm.is_main_process():
+            logger.warning(str(stop))
+        sys.exit(stop.exit_code)
+
+
+def build_parser():
+    """detectron2's ``default_argument_parser`` with ``--random-weights``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="with --eval-only: evaluate the model's initial weights (no checkpoint)",
+    )
+    return parser
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    args = build_parser().parse_args()
+    if args.num_gpus * args.num_machines > 1:
+        # this process only waits for the training processes: signals go on to them
+        forward_stop_signals_to_children()
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except torch.multiprocessing.ProcessExitedException as error:
+        if error.exit_code is None or error.exit_code <= 128:
+            raise
+        sys.exit(error.exit_code)  # stopped by a signal: the processes said how to resume
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ repository root, for ``train_net``) on the path, in every import mode and in the
 detectron2's ``launch`` spawns (they receive the parent's path).
 """
 
+import logging
 import os
 import types
 
@@ -57,3 +58,22 @@ def shapes(tmp_path_factory):
     return types.SimpleNamespace(
         root=root, prefix=prefix, names=helpers.register_tiny_shapes(root, prefix)
     )
+
+
+@pytest.fixture
+def log(caplog):
+    """
+    ``caplog`` at INFO that also sees the "focus_detr" and "detectron2" loggers, which
+    detectron2's ``setup_logger`` (called by ``train_net.main``) stops from propagating: they
+    get caplog's handler and do not propagate during the test (each record is seen once).
+    """
+    loggers = [logging.getLogger(name) for name in ("focus_detr", "detectron2")]
+    propagate = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+        logger.propagate = False
+    caplog.set_level(logging.INFO)
+    yield caplog
+    for logger, value in zip(loggers, propagate):
+        logger.removeHandler(caplog.handler)
+        logger.propagate = value

@@ -64,7 +64,7 @@ def shrink_model_config(model, *, num_classes: Optional[int] = 3, hidden_dim: in
         "topk_sa": 16,
         "keep_ratio": 0.5,
         "low_ffn_dim": hidden_dim,
-        "high_updates_per_block": 1,
+        "high_updates_per_block": 2,
         "num_blocks": 2,
     }
     for key, value in tiny_encoder.items():
@@ -94,13 +94,18 @@ def tiny_model_config(*, num_classes: int = 3, hidden_dim: int = 32, encoder: st
     """
     The LazyConfig node of a tiny two-stage DETR (see :func:`shrink_model_config`) with the
     ``encoder`` of :data:`ENCODER_MODEL_CONFIGS` ("focus", "dense", "sparse", "lite" or
-    "hybrid").
+    "hybrid"), or "lite_key_aware": Lite DETR with key-aware attention in the encoder and the
+    decoder's cross-attention, as ``configs/lite_detr_r50_keyaware_4scale_12ep.py``.
     """
-    return shrink_model_config(
-        LazyConfig.load(str(ENCODER_MODEL_CONFIGS[encoder])).model,
+    key_aware = encoder == "lite_key_aware"
+    model = shrink_model_config(
+        LazyConfig.load(str(ENCODER_MODEL_CONFIGS["lite" if key_aware else encoder])).model,
         num_classes=num_classes,
         hidden_dim=hidden_dim,
     )
+    if key_aware:
+        model.encoder.key_aware = model.decoder.key_aware = True
+    return model
 
 
 def build_tiny_model(*, seed: int = 0, **kwargs) -> torch.nn.Module:

@@ -85,30 +85,48 @@ def test_hybrid_configs_differ_in_the_encoder_neck_and_level_count(hybrid, focus
 
 
 @pytest.mark.parametrize(
-    "variant, parent, key, value",
+    "variant, parent, changes",
     [
         (
             "sparse_detr_r50_rho30_4scale_12ep.py",
             "sparse_detr_r50_4scale_12ep.py",
-            "keep_ratio",
-            0.3,
+            {("encoder", "keep_ratio"): 0.3},
         ),
         (
+            # Lite DETR's key_aware makes the decoder's cross-attention key-aware too
             "lite_detr_r50_keyaware_4scale_12ep.py",
             "lite_detr_r50_4scale_12ep.py",
-            "key_aware",
-            True,
+            {("encoder", "key_aware"): True, ("decoder", "key_aware"): True},
         ),
     ],
 )
-def test_encoder_variants_change_one_value(variant, parent, key, value):
-    """The variants of the four-way comparison differ from their parent config in one value."""
+def test_encoder_variants_change_only_their_values(variant, parent, changes):
+    """The variants of the four-way comparison differ from their parent config only there."""
     child, base = _load(variant), _load(parent)
-    assert child.model.encoder[key] == value != base.model.encoder[key]
+    for (part, key), value in changes.items():
+        assert child.model[part][key] == value != base.model[part].get(key, False)
+        for cfg in (child, base):
+            cfg.model[part].pop(key, None)
     for cfg in (child, base):
-        cfg.model.encoder.pop(key)
         cfg.train.output_dir = "./output"
     assert LazyConfig.to_py(child) == LazyConfig.to_py(base)
+
+
+def test_lite_key_aware_config_is_key_aware_in_encoder_and_decoder():
+    """Where Lite DETR's code is key-aware with key_aware=True: every encoder layer and every
+    decoder cross-attention; the plain config uses plain deformable attention throughout."""
+    from focus_detr.layers import KeyAwareDeformableAttention, MultiScaleDeformableAttention
+
+    for name, expected in (
+        ("lite_detr_r50_keyaware_4scale_12ep.py", KeyAwareDeformableAttention),
+        ("lite_detr_r50_4scale_12ep.py", MultiScaleDeformableAttention),
+    ):
+        model = _load(name).model
+        shrink_model_config(model)
+        model = instantiate(model)
+        attentions = [layer.deformable_attn for layer in model.encoder.layers]
+        attentions += [layer.cross_attn for layer in model.decoder.layers]
+        assert all(type(attention) is expected for attention in attentions), name
 
 
 @pytest.mark.parametrize("name", [n for n in COCO_CONFIGS if re.search(r"_(24|36)ep\.py$", n)])

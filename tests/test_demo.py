@@ -232,6 +232,53 @@ def test_run_demo_without_selector_writes_predictions_only(predictor, image_fold
     assert any("no token selector" in message for message in messages)
 
 
+def test_run_demo_never_writes_over_an_input_image(predictor, image_folder, tmp_path):
+    """Inputs x.png and x_predictions.png in the output folder: x's picture would replace one."""
+    inputs = [tmp_path / "x.png", tmp_path / "x_predictions.png"]
+    for path in inputs:
+        path.write_bytes((image_folder / "wide.png").read_bytes())
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(DemoInputError) as error:
+        run_demo(predictor, [str(p) for p in inputs], output_dir=str(tmp_path), log=None)
+    assert f"The output {inputs[1]} is the input {inputs[1]}" in str(error.value)
+    assert "choose another --output folder" in str(error.value)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_an_image_the_model_cannot_take_is_named(predictor, image_folder, tmp_path, monkeypatch):
+    # a backbone padding to a fixed square (ViT-style) smaller than the resized image (160)
+    monkeypatch.setattr(
+        type(predictor.model.backbone),
+        "padding_constraints",
+        property(lambda self: {"square_size": 128}),
+    )
+    with pytest.raises(DemoInputError) as error:
+        run_demo(predictor, [str(image_folder / "wide.png")], output_dir=str(tmp_path), log=None)
+    message = str(error.value)
+    assert f"the model failed on image {image_folder / 'wide.png'}: ValueError" in message
+    assert "square_size=128" in message
+
+
+def test_the_demo_reads_16_bit_images_scaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 50).round().astype(np.uint16), (40, 1))
+    path = tmp_path / "gray16.png"
+    Image.fromarray(ramp).save(path)
+    seen = []
+
+    class Recorder:
+        input_format = "RGB"
+
+        def __call__(self, image):
+            seen.append(image)
+            raise RuntimeError("recorded")
+
+    with pytest.raises(DemoInputError, match=f"failed on image {path}: RuntimeError: recorded"):
+        run_demo(Recorder(), [str(path)], output_dir=str(tmp_path / "out"), log=None)
+    expected = ((ramp.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    assert seen[0].shape == (40, 50, 3)
+    np.testing.assert_array_equal(seen[0][:, :, 0], expected)
+
+
 # ---------------------------------------------------------------- inputs and command line
 
 
@@ -252,7 +299,7 @@ def test_main_reports_bad_inputs_and_missing_weights(weights, tmp_path, capsys):
     broken.write_bytes(b"not a png")
     base = ["--config-file", CONFIG_FILE, "--weights", weights, "--output", str(tmp_path)]
     assert main(base + ["--input", str(broken), "--"] + TINY_MODEL) != 0
-    assert f"cannot read image {broken}" in capsys.readouterr().err
+    assert f"Cannot read image {broken}" in capsys.readouterr().err
     assert main(base) != 0
     assert "--val-images" in capsys.readouterr().err
     missing = tmp_path / "nowhere" / "model_final.pth"

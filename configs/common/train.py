@@ -2,6 +2,9 @@
 # DETR-specific gradient clipping, EMA and seed.
 train = dict(
     output_dir="./output",
+    # train_net.py stops before writing anything when output_dir holds checkpoints (model_*.pth,
+    # last_checkpoint) and --resume is not given; True trains from scratch over them
+    overwrite=False,
     init_checkpoint="",
     max_iter=90000,
     # True / False / "auto": on the CPU "auto" uses bfloat16 where the CPU runs it natively (AMX

@@ -2,14 +2,14 @@
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.registry import locate
 from omegaconf import OmegaConf
 
-from focus_detr.engine import load_for_eval
+from focus_detr.engine import apply_overrides, load_for_eval
 from focus_detr.modeling import DETREncoder
 
 __all__ = [
@@ -50,12 +50,15 @@ class AnalyzedConfig:
         config_file: the LazyConfig file.
         weights: checkpoint to load, or None for the random initial weights.
         cfg: the loaded config with the run's overrides applied.
+        seed_weights: every checkpoint given for the config (``weights`` first) when several
+            runs of it (e.g. training seeds) are compared; empty otherwise.
     """
 
     name: str
     config_file: str
     weights: Optional[str]
     cfg: object
+    seed_weights: Tuple[str, ...] = ()
 
 
 def _default_name(config_file: str) -> str:
@@ -74,8 +77,9 @@ def load_analyzed_configs(
 
     Args:
         config_files: LazyConfig files (.py or .yaml).
-        weights: one checkpoint per config, in the same order; "" or "none" for random weights.
-            None: random weights for all.
+        weights: one checkpoint per config, in the same order; "" or "none" for random weights;
+            several checkpoints of one config (runs with other seeds) separated by commas: the
+            first is analyzed, all are evaluated for AP. None: random weights for all.
         names: one label per config; default: the file name without extension.
         overrides: ``key=value`` config overrides applied to every config.
 
@@ -104,11 +108,15 @@ def load_analyzed_configs(
     for name, config_file, path in zip(names, config_files, weights):
         if not os.path.isfile(config_file):
             raise AnalysisError(f"config file not found: {config_file}")
-        path = None if path.strip().lower() in RANDOM_WEIGHTS else path
-        if path is not None and "://" not in path and not os.path.isfile(path):
-            raise AnalysisError(f"weights file of {name} not found: {path}")
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
-        configs.append(AnalyzedConfig(name, config_file, path, cfg))
+        runs = tuple(part.strip() for part in path.split(",")) if "," in path else ()
+        if any(run.lower() in RANDOM_WEIGHTS for run in runs):
+            raise AnalysisError(f"weights of {name}: an empty entry in the list {path!r}")
+        path = None if path.strip().lower() in RANDOM_WEIGHTS else (runs[0] if runs else path)
+        for file in runs or ([path] if path is not None else []):
+            if "://" not in file and not os.path.isfile(file):
+                raise AnalysisError(f"weights file of {name} not found: {file}")
+        cfg = apply_overrides(LazyConfig.load(config_file), list(overrides))
+        configs.append(AnalyzedConfig(name, config_file, path, cfg, seed_weights=runs))
     return configs
 
 

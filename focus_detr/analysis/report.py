@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 from typing import Dict, List, Sequence, Tuple
 
 from focus_detr.benchmark.report import markdown_table as _table
@@ -124,6 +125,29 @@ def _sweep_table(points: Sequence[Dict]) -> List[str]:
     return _table(header, rows)
 
 
+def _spread(values: Sequence[float]) -> Tuple[str, str]:
+    """("mean ± sample standard deviation", "min-max") of ``values``."""
+    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+    return (
+        f"{statistics.fmean(values):.2f} ± {deviation:.2f}",
+        f"{min(values):.2f}-{max(values):.2f}",
+    )
+
+
+def _seed_table(configs: Sequence[Dict]) -> List[str]:
+    rows = []
+    for config in configs:
+        runs = config.get("seed_runs")
+        if runs:
+            ap, ap50 = _spread(runs["AP"]), _spread(runs["AP50"])
+            rows.append([config["name"], str(len(runs["AP"])), *ap, *ap50])
+    if not rows:
+        return []
+    header = ["config", "runs", "AP mean ± std", "AP min-max", "AP50 mean ± std", "AP50 min-max"]
+    lines = ["", "## AP over runs (one checkpoint per training seed)", ""]
+    return lines + _table(header, rows)
+
+
 def format_markdown(report: Dict) -> str:
     """The markdown of a report dict (see ``focus_detr.tools.analyze``)."""
     configs = report["configs"]
@@ -156,6 +180,7 @@ def format_markdown(report: Dict) -> str:
     if report.get("baseline"):
         lines += _ratio_table(configs, report["baseline"])
     lines += _token_tables(configs)
+    lines += _seed_table(configs)
     if report.get("sweep"):
         lines += ["", "## Keep-ratio sweep: accuracy for speed", ""]
         lines += [f"{report['sweep_evaluation']}.", ""]

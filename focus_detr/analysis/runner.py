@@ -2,7 +2,7 @@
 
 import gc
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,7 +27,8 @@ from .models import (
 )
 from .tokens import collect_token_statistics
 
-__all__ = ["AnalysisSettings", "analyze_config", "baseline_ratios", "check_sweep"]
+__all__ = ["AnalysisSettings", "analyze_config", "baseline_ratios", "check_evaluation"]
+__all__ += ["check_sweep"]
 __all__ += ["shared_foreground_ranges"]
 
 logger = logging.getLogger(__name__)
@@ -95,16 +96,22 @@ def shared_foreground_ranges(configs: Sequence[AnalyzedConfig], name: Optional[s
     return None
 
 
-def check_sweep(configs: Sequence[AnalyzedConfig]) -> None:
-    """AnalysisError unless every config has a test loader and an evaluator and the encoder
-    of some config has a keep ratio (checked on the configs, before any model is built)."""
+def check_evaluation(configs: Sequence[AnalyzedConfig], option: str) -> None:
+    """AnalysisError unless every config has a test loader and an evaluator (``option`` needs
+    them to evaluate AP)."""
     for config in configs:
         dataloader = getattr(config.cfg, "dataloader", None) or {}
         if "test" not in dataloader or "evaluator" not in dataloader:
             raise AnalysisError(
-                f"--sweep-keep-ratio evaluates AP with the config's dataloader.test and "
+                f"{option} evaluates AP with the config's dataloader.test and "
                 f"dataloader.evaluator; {config.name} ({config.config_file}) lacks them"
             )
+
+
+def check_sweep(configs: Sequence[AnalyzedConfig]) -> None:
+    """AnalysisError unless every config has a test loader and an evaluator and the encoder
+    of some config has a keep ratio (checked on the configs, before any model is built)."""
+    check_evaluation(configs, "--sweep-keep-ratio")
     classes = {config.name: encoder_class(config.cfg) for config in configs}
     if not any(has_keep_ratio(cls) for cls in classes.values()):
         listed = ", ".join(f"{name} ({cls.__name__})" for name, cls in classes.items())
@@ -158,11 +165,27 @@ def _sweep(config, model, inputs, settings: AnalysisSettings, result) -> List[Di
     return points
 
 
+def _evaluate_runs(config: AnalyzedConfig, settings: AnalysisSettings) -> Dict[str, List]:
+    """AP and AP50 of every checkpoint of ``config.seed_weights`` (the config's test loader and
+    evaluator, the first ``settings.eval_images`` images), on the first device."""
+    runs: Dict[str, List] = {"weights": list(config.seed_weights), "AP": [], "AP50": []}
+    for weights in config.seed_weights:
+        run = replace(config, weights=weights)
+        model = build_analysis_model(run, settings.devices[0])
+        logger.info(f"{config.name}: evaluating {weights}")
+        ap = evaluate_box_ap(config.cfg, model, num_images=settings.eval_images)
+        runs["AP"].append(ap["AP"])
+        runs["AP50"].append(ap["AP50"])
+        del model
+    return runs
+
+
 def analyze_config(config: AnalyzedConfig, settings: AnalysisSettings) -> Dict:
     """
     Everything the report shows of one config, JSON-ready: parameters, GFLOPs per part,
     latency and peak memory per device, tokens updated per encoder layer, token quality (with
-    dataset inputs) and sweep points (with ``settings.sweep_keep_ratios``).
+    dataset inputs), sweep points (with ``settings.sweep_keep_ratios``) and the AP / AP50 of
+    every run of ``config.seed_weights``.
     """
     inputs, described = settings.inputs(config.cfg)
     model = build_analysis_model(config, torch.device("cpu"))
@@ -193,6 +216,8 @@ def analyze_config(config: AnalyzedConfig, settings: AnalysisSettings) -> Dict:
             result["peak_memory_mib"][str(device)] = measure_peak_memory(model, inputs)
     if settings.sweep_keep_ratios:
         result["sweep"] = _sweep(config, model, inputs, settings, result)
+    if config.seed_weights:
+        result["seed_runs"] = _evaluate_runs(config, settings)
     del model
     gc.collect()
     if settings.memory and any(device.type == "cpu" for device in settings.devices):

@@ -31,6 +31,7 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .mapper import SampleLoadError
 from .seeding import SAMPLE_STREAM, derive_seed, seeded_cpu_rngs
 
 __all__ = [
@@ -45,10 +46,6 @@ logger = logging.getLogger(__name__)
 
 # (global sample position, dataset index)
 IndexedSample = Tuple[int, int]
-
-
-class SampleLoadError(RuntimeError):
-    """A training sample could not be loaded or mapped; the message names its file."""
 
 
 def aspect_ratio_groups(records: Sequence[Dict]) -> List[int]:
@@ -169,6 +166,8 @@ class SeededBatchDataset(IterableDataset):
             with seeded_cpu_rngs(derive_seed(self.seed, SAMPLE_STREAM, position, attempt)):
                 try:
                     mapped = self.mapper(record)
+                except SampleLoadError:
+                    raise  # names the file already
                 except Exception as error:
                     name = record.get("file_name", "(no file_name)")
                     raise SampleLoadError(

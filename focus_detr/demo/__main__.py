@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import torch
 
+from focus_detr.engine.overrides import ConfigOverrideError
+
 from .inputs import DemoInputError, dataset_images, dataset_metadata, find_images
 from .predictor import FocusDETRPredictor, load_config
 from .runner import run_demo
@@ -106,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             metadata=dataset_metadata(test_names),
             score_threshold=args.score_threshold,
         )
-    except (DemoInputError, FileNotFoundError) as error:
+    except (DemoInputError, FileNotFoundError, ConfigOverrideError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.structures import Instances
 
 from focus_detr.engine.checkpoint import SafeCheckpointer
+from focus_detr.engine.overrides import apply_overrides
 
 __all__ = ["TokenSelection", "Prediction", "FocusDETRPredictor", "load_config"]
 
@@ -58,11 +59,14 @@ class Prediction:
 
 
 def load_config(config_file: str, overrides: Sequence[str] = ()):
-    """``LazyConfig.load`` + ``apply_overrides``; a clear error when the file is missing."""
+    """
+    ``LazyConfig.load`` + overrides that must name existing keys
+    (:func:`focus_detr.engine.overrides.apply_overrides`); a clear error when the file is missing.
+    """
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file}")
     cfg = LazyConfig.load(config_file)
-    return LazyConfig.apply_overrides(cfg, list(overrides))
+    return apply_overrides(cfg, list(overrides))
 
 
 class FocusDETRPredictor:
@@ -101,8 +105,8 @@ class FocusDETRPredictor:
     def __call__(self, image: np.ndarray) -> Prediction:
         """
         Args:
-            image: (H0, W0, 3) uint8 image in ``self.input_format`` (``read_image(path,
-                format=predictor.input_format)``).
+            image: (H0, W0, 3) uint8 image in ``self.input_format``
+                (``focus_detr.data.read_image(path, format=predictor.input_format)``).
         """
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")

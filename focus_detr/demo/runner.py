@@ -3,7 +3,8 @@
 import os
 from typing import Callable, List, Optional, Sequence
 
-from detectron2.data.detection_utils import read_image
+from focus_detr.data.images import ImageReadError, read_image
+from focus_detr.utils.output_files import OutputPathError, check_not_an_input
 
 from .drawing import draw_predictions, draw_token_selection, save_png
 from .inputs import DemoInputError, output_names
@@ -24,7 +25,10 @@ def run_demo(
     """
     For every image write ``<name>_predictions.png`` (detections with a score of at least
     ``score_threshold``) and, when the encoder has a token selector, ``<name>_tokens.png``
-    (per-level foreground probabilities and the tokens kept by every encoder layer).
+    (per-level foreground probabilities and the tokens kept by every encoder layer). Pictures of
+    an earlier run of the same images are replaced; an input image never is (checked before
+    anything is written). An image that cannot be read, or that the model fails on, stops the
+    demo with its path.
 
     Args:
         predictor: the loaded model.
@@ -42,15 +46,31 @@ def run_demo(
     if not image_files:
         raise DemoInputError("no input images")
     log = log or (lambda message: None)
+    names = output_names(image_files)
+    for name in names:
+        for kind in ("predictions", "tokens"):
+            try:
+                check_not_an_input(
+                    os.path.join(output_dir, f"{name}_{kind}.png"),
+                    image_files,
+                    hint="choose another --output folder",
+                )
+            except OutputPathError as error:
+                raise DemoInputError(str(error)) from error
     os.makedirs(output_dir, exist_ok=True)
     written: List[str] = []
     noted_no_selector = False
-    for path, name in zip(image_files, output_names(image_files)):
+    for path, name in zip(image_files, names):
         try:
             image = read_image(path, format=predictor.input_format)
-        except (OSError, ValueError) as error:
-            raise DemoInputError(f"cannot read image {path}: {error}") from error
-        prediction = predictor(image)
+        except ImageReadError as error:
+            raise DemoInputError(str(error)) from error
+        try:
+            prediction = predictor(image)
+        except Exception as error:
+            raise DemoInputError(
+                f"the model failed on image {path}: {type(error).__name__}: {error}"
+            ) from error
 
         predictions_file = os.path.join(output_dir, f"{name}_predictions.png")
         picture = draw_predictions(

@@ -185,8 +185,9 @@ def _sample(keys, count: int = 5) -> str:
 def find_intact_checkpoint(checkpointer: SafeCheckpointer) -> Optional[str]:
     """
     The newest checkpoint of ``checkpointer.save_dir`` that loads and whose model tensors are
-    all finite: the one ``last_checkpoint`` names when it is intact, else the newest other
-    ``.pth`` file that is. None when there is none.
+    all finite: the one ``last_checkpoint`` names when it is intact, else the newest (by
+    modification time) other ``.pth`` file that is; ``.pth`` files without a ``model`` state
+    dict are not checkpoints. None when there is none.
     """
     candidates = []
     if checkpointer.has_checkpoint():
@@ -195,10 +196,13 @@ def find_intact_checkpoint(checkpointer: SafeCheckpointer) -> Optional[str]:
     candidates += [path for path in others if path not in candidates]
     for path in candidates:
         try:
-            weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             logger.warning(f"Checkpoint {path} is not intact: {type(error).__name__}: {error}")
             continue
+        weights = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+        if not isinstance(weights, dict):
+            continue  # another .pth file of the folder (e.g. the evaluator's predictions)
         if all(torch.isfinite(v).all() for v in weights.values() if torch.is_floating_point(v)):
             return path
         logger.warning(f"Checkpoint {path} has NaN or infinite weights")

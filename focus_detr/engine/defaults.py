@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import SafeCheckpointer
 
-__all__ = ["build_model", "load_for_eval", "wrap_ddp"]
+__all__ = ["FileNamingModel", "InferenceError", "build_model", "load_for_eval", "wrap_ddp"]
 
 logger = logging.getLogger("detectron2")
 
@@ -42,3 +42,28 @@ def load_for_eval(cfg, model: torch.nn.Module, checkpoint: Optional[str] = None)
     if OmegaConf.select(cfg, "train.ema.enabled", default=False) and "ema" in extra:
         model.load_state_dict(extra["ema"]["model"])
         logger.info(f"Loaded the EMA weights of {path}")
+
+
+class InferenceError(RuntimeError):
+    """The model failed on a batch; the message names the batch's image files."""
+
+
+class FileNamingModel(torch.nn.Module):
+    """
+    Runs ``model`` on dataset-mapper dicts; any exception is raised again as
+    :class:`InferenceError` naming the ``file_name`` of every input of the batch (e.g. an image
+    the model cannot take, in evaluation: detectron2's ``inference_on_dataset`` names none).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batched_inputs):
+        try:
+            return self.model(batched_inputs)
+        except Exception as error:
+            names = [str(x.get("file_name", "(no file_name)")) for x in batched_inputs]
+            raise InferenceError(
+                f"The model failed on {', '.join(names)}: {type(error).__name__}: {error}"
+            ) from error

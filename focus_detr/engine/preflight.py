@@ -7,9 +7,13 @@ an error naming the offending path or name, not hours later inside a loader work
   datasets must load (annotation JSON present and well-formed).
 * Every image file must exist (one ``stat`` per image: cheap even for COCO). For datasets of at
   most ``HEADER_CHECK_MAX_IMAGES`` images, each image's header is also read with PIL, which
-  catches files that are not images at all without decoding any pixel. Damage beyond the header
-  (a truncated file) shows when the image is decoded during training, where the loader raises
-  :class:`~focus_detr.data.train_loader.SampleLoadError` naming the file.
+  catches files that are not images at all, and images of a mode the reader cannot convert
+  (:func:`focus_detr.data.read_image`), without decoding any pixel. Damage beyond the header
+  (a truncated file) shows when the image is decoded, where the mapper raises
+  :class:`~focus_detr.data.SampleLoadError` naming the file.
+* Boxes that are not valid boxes (:mod:`focus_detr.data.boxes`) are dropped from the training
+  dataset with one warning per dataset that counts them; in the test dataset they are counted
+  too (the evaluator reads the ground truth as registered, where they stay).
 """
 
 import difflib
@@ -21,6 +25,9 @@ from typing import Dict, List, Optional, Sequence
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
+
+from focus_detr.data import drop_invalid_boxes
+from focus_detr.data.images import unsupported_mode
 
 __all__ = [
     "HEADER_CHECK_MAX_IMAGES",
@@ -128,12 +135,15 @@ def check_images(
     for path in paths:
         try:
             with Image.open(path) as image:
-                image.size
+                mode = image.mode
         except Exception as error:
             raise PreflightError(
                 f"Image {path} of the {role} dataset cannot be read as an image: "
                 f"{type(error).__name__}: {error}"
             ) from error
+        reason = unsupported_mode(mode)
+        if reason is not None:
+            raise PreflightError(f"Image {path} of the {role} dataset cannot be read: {reason}")
 
 
 def run_preflight(cfg, *, check_output: bool = True) -> Optional[list]:
@@ -152,6 +162,13 @@ def run_preflight(cfg, *, check_output: bool = True) -> Optional[list]:
         records = load_dataset(loader_cfg.dataset, role)
         if isinstance(records, list):
             check_images(records, role)
+            name = f"{', '.join(_names(loader_cfg.dataset)) or role} ({role})"
+            records, dropped = drop_invalid_boxes(records, name)
+            if dropped and role == "test":
+                logger.warning(
+                    f"The evaluation reads the ground truth of {name} as registered, with these "
+                    f"{dropped} boxes: no detection can match them"
+                )
         if role == "train":
             train_records = records
     return train_records

@@ -3,6 +3,7 @@
 Deformable attention predicts its attention weights from the query alone. The key-aware variant
 samples, at every sampling location, a key as well as a value and weighs the samples by the
 softmax of the query-key dot products, so that the weights depend on what the samples show.
+As in Lite DETR's code (``proj_key=False``), the keys are the projected values themselves.
 The weighted value sum is the deformable attention op (the compiled kernels when loaded); the
 keys are sampled by :func:`multi_scale_bilinear_sample` (``grid_sample``, differentiable).
 """
@@ -82,9 +83,10 @@ class KeyAwareDeformableAttention(nn.Module):
     """
     Key-aware deformable attention: offsets from the query as in
     :class:`~focus_detr.layers.MultiScaleDeformableAttention`, attention weights from the
-    query-key dot products of the sampled keys (``key_proj`` of the same features as the
-    values). Same constructor and forward as ``MultiScaleDeformableAttention``; no residual, no
-    dropout.
+    query-key dot products of the sampled keys. The keys are the values' projection
+    (``value_proj``, Lite DETR's ``proj_key=False``): no key projection and no attention-weight
+    layer; ``query_proj`` projects the queries. Same constructor and forward as
+    ``MultiScaleDeformableAttention``; no residual, no dropout.
     """
 
     def __init__(
@@ -110,7 +112,6 @@ class KeyAwareDeformableAttention(nn.Module):
         self.num_points = num_points
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
         self.query_proj = nn.Linear(embed_dim, embed_dim)
-        self.key_proj = nn.Linear(embed_dim, embed_dim)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
         self.reset_parameters()
@@ -123,7 +124,7 @@ class KeyAwareDeformableAttention(nn.Module):
             num_levels=self.num_levels,
             num_points=self.num_points,
         )
-        for projection in (self.query_proj, self.key_proj, self.value_proj, self.output_proj):
+        for projection in (self.query_proj, self.value_proj, self.output_proj):
             nn.init.xavier_uniform_(projection.weight)
             nn.init.zeros_(projection.bias)
 
@@ -144,8 +145,8 @@ class KeyAwareDeformableAttention(nn.Module):
             query: (B, Nq, C) queries, position embedding already added.
             reference_points: (B, Nq, L, 2) normalized (x, y) points, or (B, Nq, L, 4)
                 normalized (cx, cy, w, h) boxes; offsets are then scaled by half the box size.
-            value: (B, Nv, C) flattened multi-scale features, Nv = sum of h * w; both the keys
-                and the values are projected from them.
+            value: (B, Nv, C) flattened multi-scale features, Nv = sum of h * w; their
+                projection gives both the keys and the values.
             spatial_shapes: (L, 2) int64 (h, w) of every level.
             level_start_index: (L,) int64 offset of every level in ``value``.
             value_padding_mask: (B, Nv) bool, True where ``value`` is padding (keys and values
@@ -163,11 +164,9 @@ class KeyAwareDeformableAttention(nn.Module):
         )
         batch, num_queries, _ = query.shape
         head_shape = (self.num_heads, self.embed_dim // self.num_heads)
-        keys, values = self.key_proj(value), self.value_proj(value)
+        values = self.value_proj(value)
         if value_padding_mask is not None:
-            keys = keys.masked_fill(value_padding_mask[..., None], 0.0)
             values = values.masked_fill(value_padding_mask[..., None], 0.0)
-        keys = keys.view(batch, value.shape[1], *head_shape)
         values = values.view(batch, value.shape[1], *head_shape)
         offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
@@ -175,7 +174,7 @@ class KeyAwareDeformableAttention(nn.Module):
         locations = deformable_sampling_locations(reference_points, offsets, spatial_shapes)
         output, weights = key_aware_deformable_attention(
             self.query_proj(query).view(batch, num_queries, *head_shape),
-            keys,
+            values,  # the keys are the projected values
             values,
             spatial_shapes,
             level_start_index,

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..layers import MultiScaleDeformableAttention
+from ..layers import KeyAwareDeformableAttention, MultiScaleDeformableAttention
 from .box_ops import inverse_sigmoid
 from .heads import box_mlp, clone_modules, detection_heads
 from .position_encoding import get_sine_pos_embed
@@ -17,7 +17,8 @@ __all__ = ["DINODecoderLayer", "DINODecoder"]
 class DINODecoderLayer(nn.Module):
     """
     Post-norm decoder layer: self-attention -> add & LN -> multi-scale deformable
-    cross-attention -> add & LN -> FFN -> add & LN.
+    cross-attention -> add & LN -> FFN -> add & LN. The cross-attention is key-aware with
+    ``key_aware`` (Lite DETR's decoder when its encoder is key-aware).
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class DINODecoderLayer(nn.Module):
         dropout: float = 0.0,
         num_levels: int = 4,
         num_points: int = 4,
+        key_aware: bool = False,
     ):
         """
         Args:
@@ -38,6 +40,9 @@ class DINODecoderLayer(nn.Module):
             dropout: dropout after each sub-layer and inside the FFN.
             num_levels: feature levels of the memory.
             num_points: sampling points per head and level.
+            key_aware: cross-attention weights from the query and the sampled keys
+                (:class:`~focus_detr.layers.KeyAwareDeformableAttention`) instead of predicted
+                from the query alone.
         """
         super().__init__()
         if feedforward_dim <= 0:
@@ -48,7 +53,8 @@ class DINODecoderLayer(nn.Module):
             embed_dim, num_heads, dropout=dropout, batch_first=True
         )
         self.norm1 = nn.LayerNorm(embed_dim)
-        self.cross_attn = MultiScaleDeformableAttention(
+        attention_cls = KeyAwareDeformableAttention if key_aware else MultiScaleDeformableAttention
+        self.cross_attn = attention_cls(
             embed_dim=embed_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
         )
         self.norm2 = nn.LayerNorm(embed_dim)
@@ -151,6 +157,7 @@ class DINODecoder(nn.Module):
         prior_prob: float = 0.01,
         refine_from_normed: bool = False,
         inverse_sigmoid_eps: float = 1e-3,
+        key_aware: bool = False,
     ):
         """
         Args:
@@ -167,6 +174,8 @@ class DINODecoder(nn.Module):
                 box head applied to the raw layer output o_i; True: to ``norm(o_i)`` like the
                 returned predictions (then the box predicted and the box refined are the same).
             inverse_sigmoid_eps: clamp of the logit of reference boxes (reference: 1e-3).
+            key_aware: key-aware cross-attention in every layer (Lite DETR's ``key_aware``
+                reaches the decoder as well as the encoder).
         """
         super().__init__()
         if num_layers <= 0:
@@ -190,6 +199,7 @@ class DINODecoder(nn.Module):
             dropout=dropout,
             num_levels=num_levels,
             num_points=num_points,
+            key_aware=key_aware,
         )
         self.layers = clone_modules(layer, num_layers)
         # sine embedding of (cx, cy, w, h): C/2 features each -> 2C

@@ -13,7 +13,9 @@ peak memory, tokens updated per encoder layer and, on dataset images, the share 
 ground-truth foreground tokens each layer updates. ``--baseline`` adds cost ratios to one
 config. ``--sweep-keep-ratio`` changes the keep ratio of Focus / Sparse DETR encoders at
 inference and evaluates AP / AP50 (the config's test loader and evaluator), GFLOPs and latency
-per value, with a PNG of AP against GFLOPs. Weights: one per config ("" or "none": random).
+per value, with a PNG of AP against GFLOPs. Weights: one per config ("" or "none": random);
+several runs of a config (e.g. training seeds) as a comma-separated list: the first is analyzed
+and every run is evaluated for AP / AP50 (mean, standard deviation and range per config).
 ``KEY=VALUE`` overrides apply to every config. Prints markdown; ``--output DIR`` writes
 analysis.md, analysis.json (and keep_ratio_sweep.png).
 """
@@ -36,6 +38,7 @@ from focus_detr.analysis.runner import (
     AnalysisSettings,
     analyze_config,
     baseline_ratios,
+    check_evaluation,
     check_sweep,
     shared_foreground_ranges,
 )
@@ -53,7 +56,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--config-file", nargs="+", required=True, metavar="FILE")
     parser.add_argument(
-        "--weights", nargs="+", metavar="PATH", help="one per config; '' or none: random"
+        "--weights",
+        nargs="+",
+        metavar="PATH",
+        help="one per config; '' or none: random; A.pth,B.pth,...: runs of one config (seeds)",
     )
     parser.add_argument("--names", nargs="+", metavar="NAME", help="labels (default: file names)")
     source = parser.add_mutually_exclusive_group()
@@ -165,6 +171,7 @@ def run(args) -> dict:
     baseline = resolve_name(args.baseline, names) if args.baseline else None
     if args.sweep_keep_ratio:
         check_sweep(configs)
+    check_evaluation([c for c in configs if c.seed_weights], "--weights with several runs")
     devices = _devices(args)
     settings = AnalysisSettings(
         size=tuple(args.size) if args.size else None,

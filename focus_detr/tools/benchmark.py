@@ -32,6 +32,7 @@ from focus_detr.benchmark import describe_machine, format_runs
 from focus_detr.benchmark.msda import time_msda
 from focus_detr.benchmark.soak import run_soak
 from focus_detr.benchmark.steps import PRECISIONS, time_inference, time_training
+from focus_detr.engine import apply_overrides
 
 DEMO_CONFIG = "configs/focus_detr_demo_shapes.py"
 
@@ -149,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines += [f"- {k}: {v}" for k, v in {**describe_machine(device), **result["notes"]}.items()]
         _print_report("\n".join(lines + [""] + result["lines"]) + "\n", result["profiles"], None)
         return 0
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
     if args.mode == "soak":
         options = ("report_every", "warmup", "batch_size", "max_side", "crowd", "max_slope")
         options += ("seed", "repeat", "precision", "release")

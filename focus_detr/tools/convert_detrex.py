@@ -1,7 +1,7 @@
 """
 Convert a Focus-DETR checkpoint trained with detrex (``projects/focus_detr``) to this package.
 
-    python -m focus_detr.tools.convert_detrex INPUT.pth OUTPUT.pth [--full-unpickle]
+    python -m focus_detr.tools.convert_detrex INPUT.pth OUTPUT.pth [--full-unpickle] [--overwrite]
 
 INPUT is what detectron2's checkpointer writes (``{"model": state_dict, ...}``) or a bare state
 dict. OUTPUT is ``{"model": state_dict}`` with this package's names, for
@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from focus_detr.detrex import convert_detrex_state_dict, load_state_dict
+from focus_detr.utils.output_files import OutputPathError, check_output_file
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -32,11 +33,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="store_true",
         help="load INPUT with full pickle support (runs code from the file: trusted files only)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT when it exists or is INPUT (never done without this flag)",
+    )
     args = parser.parse_args(argv)
     try:
+        check_output_file(args.output, inputs=(args.input,), overwrite=args.overwrite)
         state_dict = load_state_dict(args.input, full_unpickle=args.full_unpickle)
         converted = convert_detrex_state_dict(state_dict)
-    except ValueError as error:
+    except (ValueError, OutputPathError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     torch.save({"model": converted}, args.output)

@@ -2,7 +2,8 @@
 Export a focus-detr model for deployment, as ONNX or as a ``torch.export`` program.
 
     python -m focus_detr.tools.export --config-file CFG [--weights W.pth] \\
-        --format {onnx,torch-export} --output PATH --height H --width W [KEY=VALUE ...]
+        --format {onnx,torch-export} --output PATH --height H --width W [--overwrite] \\
+        [KEY=VALUE ...]
 
 The exported program takes ``image``, a (3, H, W) float32 tensor in the config's input format
 (``model.input_format``) with values 0-255, of exactly the exported H x W, and returns
@@ -24,6 +25,7 @@ from detectron2.config import instantiate
 
 from ..demo.predictor import load_config
 from ..engine.checkpoint import CheckpointError, SafeCheckpointer
+from ..engine.overrides import ConfigOverrideError
 from ..export import (
     DetectorExportWrapper,
     compare_detections,
@@ -33,6 +35,7 @@ from ..export import (
     run_onnx,
     run_torch_export,
 )
+from ..utils.output_files import OutputPathError, check_output_file
 
 __all__ = ["ExportError", "build_parser", "main"]
 
@@ -61,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
     parser.add_argument("--output", required=True, metavar="PATH", help="file to write")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output when it exists (never done without this flag)",
+    )
     parser.add_argument("--height", required=True, type=int, help="input image height")
     parser.add_argument("--width", required=True, type=int, help="input image width")
     parser.add_argument(
@@ -88,6 +96,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
     directory = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(directory):
         raise ExportError(f"the folder of --output {args.output} does not exist: {directory}")
+    try:
+        check_output_file(
+            args.output, inputs=(args.weights, args.config_file), overwrite=args.overwrite
+        )
+    except OutputPathError as error:
+        raise ExportError(str(error)) from error
 
 
 class _RecordingCheckpointer(SafeCheckpointer):
@@ -170,7 +184,10 @@ def run(args: argparse.Namespace) -> None:
             raise ExportError(
                 f"--format onnx needs onnx and onnxscript (pip install onnx onnxscript): {error}"
             )
-    cfg = load_config(args.config_file, args.opts)
+    try:
+        cfg = load_config(args.config_file, args.opts)
+    except ConfigOverrideError as error:
+        raise ExportError(str(error)) from error
     model = _build_model(cfg, args.weights, args.seed)
     wrapper = DetectorExportWrapper(model, height=args.height, width=args.width)
     generator = torch.Generator().manual_seed(args.seed)

@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.utils.env import seed_all_rng
 from helpers import (
@@ -25,7 +26,7 @@ from helpers import (
     tiny_train_config,
 )
 
-from focus_detr.engine import DETRTrainer, build_model, load_for_eval
+from focus_detr.engine import DETRTrainer, InferenceError, build_model, load_for_eval
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -129,6 +130,20 @@ def test_eval_only_with_init_checkpoint_through_train_net(trained_run, shapes, t
             assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
             assert a["score"] == pytest.approx(b["score"], abs=1e-5)
     assert results["bbox"]["AP"] == pytest.approx(trained_run.results["bbox"]["AP"])
+
+
+def test_an_image_the_model_cannot_take_fails_the_evaluation_naming_it(
+    shapes, tmp_path, monkeypatch
+):
+    cfg = tiny_train_config(tmp_path, shapes.names)
+    model = build_model(cfg)
+    # a backbone padding to a fixed square (ViT-style) smaller than the test images (64)
+    monkeypatch.setattr(
+        type(model.backbone), "padding_constraints", property(lambda self: {"square_size": 48})
+    )
+    first = DatasetCatalog.get(shapes.names["val"])[0]["file_name"]
+    with pytest.raises(InferenceError, match=f"The model failed on {first}: ValueError: .*48"):
+        train_net.do_test(cfg, model)
 
 
 def test_ema_starts_from_the_initial_checkpoint(trained_run, shapes, tmp_path):

@@ -121,7 +121,7 @@ def test_key_aware_deformable_attention():
     assert counts["ms_deform_attn"] == SAMPLES * HEAD_DIM * 5
     assert counts["grid_sampler"] == SAMPLES * HEAD_DIM * 4  # bilinear keys (fvcore's handle)
     assert counts["matmul"] == SAMPLES * HEAD_DIM  # query . sampled key
-    # query, key, value and output projections, and the offsets
-    projections = BATCH * (2 * QUERIES + 2 * NUM_VALUES) * EMBED * EMBED
+    # query, value (= key) and output projections, and the offsets
+    projections = BATCH * (2 * QUERIES + NUM_VALUES) * EMBED * EMBED
     assert counts["linear"] == OFFSETS + projections
     assert total == sum(counts.values())

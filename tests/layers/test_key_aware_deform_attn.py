@@ -31,10 +31,11 @@ def _bilinear(features, start, height, width, x, y):
 
 
 def _naive(module, query, reference, value, padding):
-    """Returns (output (B, Nq, C), weights (B, Nq, H, L, P)) computed sample by sample."""
+    """Returns (output (B, Nq, C), weights (B, Nq, H, L, P)) computed sample by sample; the
+    keys are the projected values (Lite DETR's proj_key=False)."""
     batch, num_queries, _ = query.shape
     keep = (~padding[..., None]).to(value.dtype)
-    keys, values = module.key_proj(value) * keep, module.value_proj(value) * keep
+    keys = values = module.value_proj(value) * keep
     queries = module.query_proj(query)
     offsets = module.sampling_offsets(query).view(batch, num_queries, HEADS, len(LEVELS), -1, 2)
     rows, all_weights = [], []
@@ -112,6 +113,21 @@ def test_matches_naive_loops(reference_dim, backend):
         _grads(module, expected, inputs),
     ):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_keys_come_from_the_value_projection():
+    """Lite DETR's layer list: offsets, query, value and output projections, nothing else (no
+    key projection, no attention-weight layer)."""
+    module, _ = _problem(2)
+    assert {name for name, _ in module.named_children()} == {
+        "sampling_offsets",
+        "query_proj",
+        "value_proj",
+        "output_proj",
+    }
+    assert sum(p.numel() for p in module.parameters()) == 3 * (EMBED * EMBED + EMBED) + (
+        EMBED * HEADS * len(LEVELS) * POINTS * 2 + HEADS * len(LEVELS) * POINTS * 2
+    )
 
 
 def test_samples_outside_have_zero_keys_and_values():

@@ -28,10 +28,14 @@ def _assert_same_outputs(expected, actual, **tolerance):
             torch.testing.assert_close(getattr(actual, name), getattr(expected, name), **tolerance)
 
 
-@pytest.mark.parametrize("name", DEMO_CONFIGS)
+@pytest.mark.parametrize("name", DEMO_CONFIGS + ("lite_detr_key_aware",))
 def test_encoder_and_decoder_compile_without_graph_breaks(name):
     torch.manual_seed(0)
-    model = instantiate(LazyConfig.load(str(CONFIG_DIR / f"{name}_demo_shapes.py")).model).eval()
+    key_aware = name.endswith("_key_aware")
+    cfg = LazyConfig.load(str(CONFIG_DIR / f"{name.replace('_key_aware', '')}_demo_shapes.py"))
+    if key_aware:  # Lite DETR's paper model: key-aware encoder and decoder cross-attention
+        cfg.model.encoder.key_aware = cfg.model.decoder.key_aware = True
+    model = instantiate(cfg.model).eval()
     inputs = [{"image": make_image(160, 192)}, {"image": make_image(128, 192, seed=1)}]
     with torch.no_grad():
         features = model.flatten_features(model.preprocess_image(inputs))

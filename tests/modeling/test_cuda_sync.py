@@ -37,9 +37,7 @@ def test_inference_does_not_synchronise(encoder):
     if not compiled_kernel_available("cuda"):
         # the op's PyTorch fallback reads the level shapes itself (its schema has no ints)
         pytest.skip("focus_detr._C has no CUDA kernels in this build")
-    cfg = tiny_model_config(encoder="lite" if encoder == "lite_key_aware" else encoder)
-    if encoder == "lite_key_aware":
-        cfg.encoder.key_aware = True
+    cfg = tiny_model_config(encoder=encoder)
     torch.manual_seed(0)
     model = instantiate(cfg).cuda().eval()
     inputs = make_batched_inputs()

@@ -4,6 +4,7 @@ import helpers
 import pytest
 import torch
 
+from focus_detr.layers import KeyAwareDeformableAttention, MultiScaleDeformableAttention
 from focus_detr.modeling.box_ops import inverse_sigmoid
 from focus_detr.modeling.decoder import DINODecoder
 from focus_detr.modeling.denoising import build_denoising_attn_mask
@@ -64,6 +65,26 @@ def test_sampling_locations_on_request():
     plain = decoder(*inputs)
     assert plain.sampling_locations is None and plain.attention_weights is None
     assert torch.equal(plain.boxes, out.boxes) and torch.equal(plain.class_logits, out.class_logits)
+
+
+@pytest.mark.parametrize("key_aware", [False, True])
+def test_key_aware_cross_attention(key_aware):
+    """Lite DETR's key_aware reaches the decoder: the cross-attention weights then come from the
+    queries and the keys sampled from the memory, so they change with the memory."""
+    decoder = _decoder(key_aware=key_aware)
+    expected = KeyAwareDeformableAttention if key_aware else MultiScaleDeformableAttention
+    assert all(type(layer.cross_attn) is expected for layer in decoder.layers)
+    queries, boxes, memory, features = _inputs()
+    out = decoder(queries, boxes, memory, features, return_sampling=True)
+    assert out.sampling_locations.shape == (3, 2, 6, 4, 2, 2, 2)
+    assert torch.allclose(out.attention_weights.sum((-1, -2)), torch.ones(3, 2, 6, 4))
+    other = decoder(queries, boxes, memory.flip(1), features, return_sampling=True)
+    # layer 0 sees the same queries and boxes: same locations; its weights differ iff key-aware
+    assert torch.equal(other.sampling_locations[0], out.sampling_locations[0])
+    assert torch.equal(other.attention_weights[0], out.attention_weights[0]) != key_aware
+    (out.class_logits.sum() + out.boxes.sum()).backward()
+    missing = [name for name, p in decoder.named_parameters() if p.grad is None]
+    assert missing == []
 
 
 def test_initial_heads():

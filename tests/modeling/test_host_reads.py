@@ -13,7 +13,6 @@ from helpers import (
     build_tiny_model,
     make_batched_inputs,
     make_image,
-    tiny_model_config,
 )
 from host_reads import HostReadCounter
 
@@ -28,13 +27,6 @@ def _demo_model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = LazyConfig.load(str(CONFIG_DIR / f"{name}_demo_shapes.py"))
     return instantiate(cfg.model).eval()
-
-
-def _key_aware_lite() -> torch.nn.Module:
-    cfg = tiny_model_config(encoder="lite")
-    cfg.encoder.key_aware = True
-    torch.manual_seed(0)
-    return instantiate(cfg).eval()
 
 
 def _reads_per_part(model: torch.nn.Module, inputs) -> dict:
@@ -69,7 +61,7 @@ def test_demo_models_read_nothing_back_at_inference(name):
 )
 def test_batches_with_padding_read_nothing_back(encoder):
     # two images of different sizes: padding, per-image budgets
-    model = _key_aware_lite() if encoder == "lite_key_aware" else build_tiny_model(encoder=encoder)
+    model = build_tiny_model(encoder=encoder)
     reads = _reads_per_part(model.eval(), make_batched_inputs())
     assert reads == {"encoder": {}, "query_selection": {}, "decoder": {}}
 

@@ -32,9 +32,7 @@ ENCODER_LOSSES = {
 
 
 def _build(kind: str, seed: int = 0):
-    cfg = tiny_model_config(encoder=kind.replace("_key_aware", ""))
-    if kind == "lite_key_aware":
-        cfg.encoder.key_aware = True
+    cfg = tiny_model_config(encoder=kind)
     torch.manual_seed(seed)
     return instantiate(cfg)
 

@@ -29,8 +29,14 @@ def deformable(levels: int = LEVELS) -> int:
     )  # 230,272 at 4 levels, 205,600 at 3
 
 
-def dual_attention_layer(levels: int = LEVELS) -> int:
-    return SELF_ATTENTION + LAYER_NORM + deformable(levels) + LAYER_NORM + FEEDFORWARD + LAYER_NORM
+def key_aware_deformable(levels: int = LEVELS) -> int:
+    """Lite DETR's key-aware attention: offsets, query, value (= key) and output projections; no
+    attention-weight layer, no key projection."""
+    return linear(C, HEADS * levels * POINTS * 2) + 3 * linear(C, C)  # 263,168 at 4 levels
+
+
+def dual_attention_layer(levels: int = LEVELS, attention=deformable) -> int:
+    return SELF_ATTENTION + LAYER_NORM + attention(levels) + LAYER_NORM + FEEDFORWARD + LAYER_NORM
 
 
 FEEDFORWARD = linear(C, FFN) + linear(FFN, C)  # 1,050,880
@@ -50,14 +56,15 @@ NECK = (
 )  # 5,639,168
 
 
-def decoder(levels: int = LEVELS) -> int:
+def decoder(levels: int = LEVELS, attention=deformable) -> int:
     return (
-        6 * dual_attention_layer(levels)  # the decoder layer: self-attn, deformable, FFN
+        6 * dual_attention_layer(levels, attention)  # decoder layer: self-attn, cross-attn, FFN
         + linear(2 * C, C)
         + linear(C, C)  # query position MLP of the box sine embedding (512 -> 256 -> 256)
         + LAYER_NORM
         + 6 * (CLASS_HEAD + BOX_HEAD)
-    )  # 10,391,800 at 4 levels; 10,243,768 at 3 (6 x 24,672 fewer offset and weight parameters)
+    )  # 10,391,800 at 4 levels; 10,243,768 at 3 (6 x 24,672 fewer offset and weight parameters);
+    # 10,589,176 key-aware at 4 levels (6 x 32,896 more: a query projection for the weights)
 
 
 QUERY_SELECTION = linear(C, C) + LAYER_NORM + CLASS_HEAD + BOX_HEAD + QUERIES * C  # 449,876
@@ -74,31 +81,46 @@ CSP_LAYER = 2 * (2 * C * C + BATCH_NORM) + 3 * (CONV_BN_3X3 + CONV_BN_1X1)  # 2,
 # CCFF on 3 levels: 2 lateral 1x1 and 2 downsampling 3x3 convs, 2 top-down + 2 bottom-up CSPs
 CCFF = 2 * CONV_BN_1X1 + 2 * CONV_BN_3X3 + 4 * CSP_LAYER  # 10,242,048
 
-# config: (neck, encoder, transformer levels, level embedding)
+# Lite DETR's layers (hidden 256, FFN 2048): a high-level-only layer is a deformable encoder layer;
+# an all-level layer adds the low-level FFN 256 -> 256 -> 256 and its LN
+LITE_LOW_FFN = linear(C, C) + linear(C, C) + LAYER_NORM  # 132,096
+LITE_HIGH_LAYER = DEFORMABLE_LAYER  # 1,282,176
+LITE_ALL_LAYER = DEFORMABLE_LAYER + LITE_LOW_FFN  # 1,414,272
+KEY_AWARE_LAYER = key_aware_deformable() + LAYER_NORM + FEEDFORWARD + LAYER_NORM  # 1,315,072
+# H3L1-(2+1)x3 = [high, all] x 3, 6 layers: 8,089,344 plain, 8,286,720 key-aware. The layer
+# list of Lite DETR's code gives the same key-aware total (3 x (1,315,072 + 1,447,168)); its
+# plain attention also builds the unused query projection (6 x 65,792 more: 8,484,096 listed).
+LITE_2X3 = 3 * (LITE_HIGH_LAYER + LITE_ALL_LAYER)
+LITE_2X3_KEY_AWARE = 3 * (KEY_AWARE_LAYER + KEY_AWARE_LAYER + LITE_LOW_FFN)
+# H3L1-(6+1)x1 = [high] x 5 + [all]: 8,022,528 key-aware, as the official layer list
+LITE_6X1_KEY_AWARE = 5 * KEY_AWARE_LAYER + KEY_AWARE_LAYER + LITE_LOW_FFN
+
+# config: (neck, encoder, decoder, level embedding)
 MODELS = {
     "focus_detr_r50_4scale_12ep.py": (
         NECK,
         6 * DUAL_ATTENTION_LAYER + SCORER + (LEVELS - 1),
-        LEVELS,
+        decoder(),
         LEVELS * C,
     ),
-    "dino_r50_4scale_12ep.py": (NECK, 6 * DEFORMABLE_LAYER, LEVELS, LEVELS * C),
+    "dino_r50_4scale_12ep.py": (NECK, 6 * DEFORMABLE_LAYER, decoder(), LEVELS * C),
     # 6 layers, the scorer without modulation, auxiliary heads after layers 0..4
     "sparse_detr_r50_4scale_12ep.py": (
         NECK,
         6 * DEFORMABLE_LAYER + SCORER + 5 * (CLASS_HEAD + BOX_HEAD),
-        LEVELS,
+        decoder(),
         LEVELS * C,
     ),
-    # (2+1)x3: 6 high-level layers, 3 all-level layers with a 256-wide low-level FFN + LN
-    "lite_detr_r50_4scale_12ep.py": (
+    "lite_detr_r50_4scale_12ep.py": (NECK, LITE_2X3, decoder(), LEVELS * C),
+    # key-aware in the encoder and in the decoder's cross-attention
+    "lite_detr_r50_keyaware_4scale_12ep.py": (
         NECK,
-        9 * DEFORMABLE_LAYER + 3 * (linear(C, 256) + linear(256, C) + LAYER_NORM),
-        LEVELS,
+        LITE_2X3_KEY_AWARE,
+        decoder(attention=key_aware_deformable),
         LEVELS * C,
     ),
     # no level embedding (3 x 256 unused parameters): the hybrid encoder uses no position embedding
-    "rtdetr_hybrid_r50_3scale_12ep.py": (HYBRID_NECK, AIFI_LAYER + CCFF, 3, 0),
+    "rtdetr_hybrid_r50_3scale_12ep.py": (HYBRID_NECK, AIFI_LAYER + CCFF, decoder(3), 0),
 }
 
 
@@ -108,6 +130,12 @@ def test_hand_counts_of_the_parts():
     assert (decoder(), decoder(3)) == (10_391_800, 10_243_768)
     assert (HYBRID_NECK, AIFI_LAYER, CSP_LAYER, CCFF) == (919_040, 789_760, 2_232_320, 10_242_048)
     assert AIFI_LAYER + CCFF == 11_031_808
+    assert decoder(attention=key_aware_deformable) == 10_589_176
+    # Lite DETR: the totals its code's layer list gives (official classes instantiated, see
+    # docs/differences_from_reference.md), and the dense 6-layer encoder for scale
+    assert (KEY_AWARE_LAYER, KEY_AWARE_LAYER + LITE_LOW_FFN) == (1_315_072, 1_447_168)
+    assert (LITE_2X3_KEY_AWARE, LITE_6X1_KEY_AWARE) == (8_286_720, 8_022_528)
+    assert (LITE_2X3, 6 * DEFORMABLE_LAYER) == (8_089_344, 7_693_056)
 
 
 def _count(module):
@@ -117,7 +145,7 @@ def _count(module):
 @pytest.mark.parametrize("config", sorted(MODELS))
 def test_r50_parameter_counts(config, single_thread):
     model = instantiate(LazyConfig.load(f"{CONFIG_DIR}/{config}").model)
-    neck, encoder, levels, level_embed = MODELS[config]
+    neck, encoder, decoder_count, level_embed = MODELS[config]
     counts = {
         "backbone": _count(model.backbone),
         "neck": _count(model.neck),
@@ -131,9 +159,24 @@ def test_r50_parameter_counts(config, single_thread):
         "backbone": BACKBONE,
         "neck": neck,
         "encoder": encoder,
-        "decoder": decoder(levels),
+        "decoder": decoder_count,
         "query_selection": QUERY_SELECTION,
         "denoising": DENOISING,
         "level_embed": level_embed,
     }
     assert _count(model) == sum(counts.values())
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (dict(high_updates_per_block=2, num_blocks=3, key_aware=True), LITE_2X3_KEY_AWARE),
+        (dict(high_updates_per_block=6, num_blocks=1, key_aware=True), LITE_6X1_KEY_AWARE),
+        (dict(high_updates_per_block=2, num_blocks=3, key_aware=False), LITE_2X3),
+    ],
+)
+def test_lite_encoder_counts_of_both_official_schedules(options, expected):
+    from focus_detr.modeling import LiteEncoder
+
+    encoder = LiteEncoder(embed_dim=C, num_heads=HEADS, ffn_dim=FFN, low_ffn_dim=C, **options)
+    assert encoder.num_layers == 6 and _count(encoder) == expected

@@ -269,6 +269,24 @@ def test_run_demo_preloads_jemalloc_where_it_is_installed(tmp_path, fakes, insta
     assert f"[setup] memory allocator: {said}" in result.stdout
 
 
+def test_run_demo_a_second_time_resumes_the_first_run_and_says_so(tmp_path, fakes):
+    root = _repository_copy(tmp_path)
+    fakes["FAKE_FOUND"] = _ALL_OK
+    result = _bash("bash scripts/run_demo.sh out", fakes, root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[demo] training from scratch into out" in result.stdout
+    # the first run's checkpoints: the second run resumes it (train_net.py evaluates a complete
+    # run without training it; an interrupted one continues)
+    (root / "out").mkdir()
+    (root / "out" / "last_checkpoint").write_text("model_final.pth")
+    result = _bash("bash scripts/run_demo.sh out", fakes, root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[demo] out holds a run: resuming it" in result.stdout
+    assert "bash scripts/run_demo.sh OTHER_DIR" in result.stdout
+    runs = [call for call in _log(fakes) if call.startswith("train_net.py")]
+    assert len(runs) == 2 and all("--resume train.output_dir=out" in run for run in runs)
+
+
 def test_preloading_twice_keeps_one_jemalloc_and_the_callers_preloads(tmp_path, fakes):
     library = tmp_path / "lib" / "libjemalloc.so.2"
     library.write_bytes(b"")

@@ -9,8 +9,9 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 
+from focus_detr.analysis.evaluation import evaluate_box_ap
 from focus_detr.analysis.inputs import dataset_inputs, random_inputs
-from focus_detr.analysis.models import MODEL_PARTS, load_analyzed_configs
+from focus_detr.analysis.models import MODEL_PARTS, build_analysis_model, load_analyzed_configs
 from focus_detr.data import CLASS_NAMES
 from focus_detr.modeling import compute_foreground_targets
 from focus_detr.tools import analyze
@@ -278,6 +279,35 @@ def test_keep_ratio_sweep_writes_the_table_and_plot(tiny, tmp_path, capsys):
     assert report["files"]["plot"] == "keep_ratio_sweep.png"
     with open(tmp_path / "keep_ratio_sweep.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_runs_of_a_config_are_each_evaluated(tiny, tmp_path, capsys):
+    focus, dense = tiny.configs
+    second = _save_weights(focus, str(tmp_path / "focus_seed1.pth"), 5)
+    runs = f"{tiny.weights[0]},{second}"
+    argv = ["--config-file", focus, dense, "--names", "focus", "dense", "--weights", runs, ""]
+    argv += ["--size", 64, 64, "--no-memory", "--warmup", 0, "--iters", 1, "--eval-images", 2]
+    out = _run(argv + ["--output", tmp_path], capsys)
+    with open(tmp_path / "analysis.json") as f:
+        focus_report, dense_report = json.load(f)["configs"]
+    runs = focus_report["seed_runs"]
+    assert runs["weights"] == [tiny.weights[0], second] and "seed_runs" not in dense_report
+    assert focus_report["weights"] == tiny.weights[0]  # the first run is the one analyzed
+    # each run evaluated on its own: the same numbers as evaluating that checkpoint alone
+    configs = load_analyzed_configs([focus], weights=[second])
+    model = build_analysis_model(configs[0], torch.device("cpu"))
+    expected = evaluate_box_ap(configs[0].cfg, model, num_images=2)
+    assert (runs["AP"][1], runs["AP50"][1]) == (expected["AP"], expected["AP50"])
+    table = out.split("## AP over runs (one checkpoint per training seed)")[1]
+    mean = (runs["AP"][0] + runs["AP"][1]) / 2
+    deviation = abs(runs["AP"][0] - runs["AP"][1]) / 2**0.5
+    assert f"| focus | 2 | {mean:.2f} ± {deviation:.2f} |" in table
+    err = _error(["--config-file", focus, "--weights", f"{tiny.weights[0]},"], capsys)
+    assert "an empty entry in the list" in err
+    err = _error(
+        ["--config-file", focus, "--weights", f"{tiny.weights[0]},{tmp_path}/x.pth"], capsys
+    )
+    assert f"weights file of focus not found: {tmp_path}/x.pth" in err
 
 
 def _error(argv, capsys) -> str:

@@ -335,3 +335,20 @@ def test_cli_writes_a_detectron2_checkpoint(tmp_path):
     expected = convert_detrex_state_dict(state)
     assert written["model"].keys() == expected.keys()
     assert all(torch.equal(written["model"][k], v) for k, v in expected.items())
+
+
+def test_cli_never_writes_over_its_input_or_an_existing_file(tmp_path, capsys):
+    state = detrex_state_dict()
+    torch.save({"model": state}, tmp_path / "in.pth")
+    before = (tmp_path / "in.pth").read_bytes()
+    assert main([str(tmp_path / "in.pth"), str(tmp_path / "in.pth")]) == 1
+    error = capsys.readouterr().err
+    assert f"The output {tmp_path / 'in.pth'} is the input" in error and "--overwrite" in error
+    assert (tmp_path / "in.pth").read_bytes() == before
+    (tmp_path / "out.pth").write_bytes(b"someone's file")
+    assert main([str(tmp_path / "in.pth"), str(tmp_path / "out.pth")]) == 1
+    assert f"The output {tmp_path / 'out.pth'} exists" in capsys.readouterr().err
+    assert (tmp_path / "out.pth").read_bytes() == b"someone's file"
+    assert main([str(tmp_path / "in.pth"), str(tmp_path / "out.pth"), "--overwrite"]) == 0
+    converted = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
+    assert converted.keys() == convert_detrex_state_dict(state).keys()

@@ -210,6 +210,26 @@ def test_bad_command_lines(demo, tmp_path, capsys):
     assert f"{tmp_path / 'no'}" in capsys.readouterr().err
 
 
+def test_the_output_never_replaces_the_weights_or_an_existing_file(demo, tmp_path, capsys):
+    _, weights, _ = demo
+    copy = tmp_path / "weights.pth"
+    copy.write_bytes(open(weights, "rb").read())
+    before = copy.read_bytes()
+    base = ["--config-file", str(helpers.DEMO_CONFIG), "--height", "64", "--width", "64"]
+    base += ["--format", "torch-export", "--no-verify", "--weights", str(copy), "--output"]
+    assert main(base + [str(copy)]) == 2
+    error = capsys.readouterr().err
+    assert f"The output {copy} is the input {copy}" in error and "--overwrite" in error
+    assert copy.read_bytes() == before
+    existing = tmp_path / "existing.pt2"
+    existing.write_bytes(b"someone's file")
+    assert main(base + [str(existing)]) == 2
+    assert f"The output {existing} exists" in capsys.readouterr().err
+    assert existing.read_bytes() == b"someone's file"
+    assert main(base + [str(existing), "--overwrite"]) == 0
+    assert count_msda_nodes(torch.export.load(str(existing))) == 6
+
+
 def test_weights_that_do_not_fit_are_refused(demo, tmp_path, capsys):
     _, weights, _ = demo
     state = torch.load(weights)["model"]

@@ -1,9 +1,10 @@
 # COCO 2017 through detectron2's builtin registration ($DETECTRON2_DATASETS/coco) with the DETR
 # training augmentation: flip, then with p = 0.5 each either a multi-scale resize (short side
 # 480..800 step 32, max 1333) or resize 400/500/600 -> random crop 384..600 -> multi-scale resize.
+# focus_detr's DatasetMapper is detectron2's with one image reader (16-bit and float images scaled,
+# not clipped), boxes that are not boxes dropped, and the file named in every loading error.
 from detectron2.config import LazyCall as L
 from detectron2.data import (
-    DatasetMapper,
     build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
@@ -12,6 +13,7 @@ from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
+from focus_detr.data import DatasetMapper
 from focus_detr.data.transforms import RandomChoice
 
 dataloader = OmegaConf.create()

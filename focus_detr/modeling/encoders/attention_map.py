@@ -17,7 +17,7 @@ def decoder_attention_map(
     attention_weights: torch.Tensor,
     level_shapes: Sequence[Tuple[int, int]],
     *,
-    alignment: str = "sampling",
+    alignment: str = "reference",
 ) -> torch.Tensor:
     """
     Splat every decoder sampling point's attention weight bilinearly onto the flattened
@@ -28,11 +28,13 @@ def decoder_attention_map(
             level (``DecoderOutput.sampling_locations``).
         attention_weights: (D, B, Q, H, L, P) their weights.
         level_shapes: L pairs (h, w), finest first.
-        alignment: "sampling" (default): a location is split over the four cells whose centres
-            surround it, ``x = loc_x * w - 0.5`` as the deformable attention samples
+        alignment: "reference" (default, Sparse DETR's ``util/dam.py``): the cell
+            coordinate is ``x = loc_x * w`` (cell j spans [j, j + 1) but is treated as sitting
+            at j), i.e. half a cell to the bottom-right of where the deformable attention reads;
+            "sampling": a location is split over the four cells whose centres surround it,
+            ``x = loc_x * w - 0.5`` as the deformable attention samples
             (``align_corners=False``), so a token receives the weight of the values read from
-            it; "reference": Sparse DETR's code, ``x = loc_x * w`` (half a cell to the
-            bottom-right).
+            it.
 
     Returns:
         (B, N) float32 attention mass of every token (no gradient).
@@ -91,7 +93,8 @@ def top_tokens_target(
     Returns:
         (B, N) float targets in {0, 1}.
     """
-    ranking = attention_map.masked_fill(padding_mask, float("-inf"))
+    # padded cells below every other, as Sparse DETR's code fills them (min - 1)
+    ranking = attention_map.masked_fill(padding_mask, attention_map.min() - 1)
     max_count = max(counts, default=0)
     target = torch.zeros_like(attention_map)
     if max_count == 0:

@@ -22,7 +22,7 @@ class LiteAllLevelLayer(DeformableEncoderLayer):
     def __init__(self, *, low_ffn_dim: int = 256, dropout: float = 0.0, **kwargs):
         """
         Args:
-            low_ffn_dim: hidden width of the low-level tokens' FFN (Lite DETR: 256).
+            low_ffn_dim: hidden width of the low-level tokens' FFN (Lite DETR: ``embed_dim``).
             dropout, kwargs: see :class:`DeformableEncoderLayer`.
         """
         super().__init__(dropout=dropout, **kwargs)
@@ -66,12 +66,15 @@ class LiteEncoder(DeformableEncoder):
     """
     Lite DETR ("Lite DETR: An Interleaved Multi-Scale Encoder for Efficient DETR", CVPR 2023).
     The levels split into high-level (the ``num_high_levels`` coarsest, e.g. strides 16/32/64)
-    and low-level (the finest, stride 8) tokens. A block is ``high_updates_per_block`` layers
-    that update only the high-level tokens (queries: high-level tokens; keys and values: the
-    current memory of all levels), then one layer that updates every token (low-level tokens
-    with a small FFN); ``num_blocks`` blocks, e.g. H3L1-(2+1)x3 = 9 layers. Optional key-aware
-    deformable attention (weights from the query and the sampled keys). It has no loss of its
-    own.
+    and low-level (the finest, stride 8) tokens. The schedule is named HxLy-(A+1)xB, as in the
+    paper and its code: a block updates the high-level tokens A times and the low-level tokens
+    once; its last layer is the all-level layer (every token is a query, low-level tokens take a
+    small FFN), which makes both the A-th high-level update and the "+1" low-level one. A block
+    is thus ``A - 1`` high-level-only layers (queries: high-level tokens; keys and values: the
+    current memory of all levels) and one all-level layer, ``A * B`` layers in all:
+    H3L1-(2+1)x3 = [high, all] x 3 and H3L1-(6+1)x1 = [high] x 5 + [all], 6 layers each like
+    DINO's encoder. Optional key-aware deformable attention (weights from the query and the
+    sampled keys). It has no loss of its own.
     """
 
     def __init__(
@@ -86,25 +89,33 @@ class LiteEncoder(DeformableEncoder):
     ):
         """
         Args:
-            low_ffn_dim: hidden width of the low-level FFN in the all-level layers.
+            low_ffn_dim: hidden width of the low-level FFN in the all-level layers (Lite DETR:
+                ``embed_dim``).
             num_high_levels: coarsest levels treated as high-level (H3L1: 3), in [1, L - 1].
-            high_updates_per_block: high-level-only layers per block (A in (A+1)xB).
-            num_blocks: blocks (B in (A+1)xB).
-            key_aware: key-aware deformable attention in every layer.
+            high_updates_per_block: A in (A+1)xB, >= 1: the high-level updates of a block,
+                counting the one its all-level layer makes (Lite DETR: 2 with 3 blocks, or 6
+                with 1 block).
+            num_blocks: B in (A+1)xB.
+            key_aware: key-aware deformable attention in every layer (Lite DETR's model; its
+                code then makes the decoder's cross-attention key-aware too, see
+                ``DINODecoder(key_aware=...)``).
             kwargs: ``embed_dim``, ``num_heads``, ``num_levels``, ``num_points``, ``ffn_dim``,
                 ``dropout``: see :class:`DeformableEncoder` (the layer count follows from the
-                blocks: ``num_blocks * (high_updates_per_block + 1)``).
+                blocks: ``num_blocks * high_updates_per_block``).
         """
         if "num_layers" in kwargs:
             raise ValueError(
                 f"LiteEncoder takes no num_layers (got {kwargs['num_layers']}): it has "
-                "num_blocks * (high_updates_per_block + 1) layers"
+                "num_blocks * high_updates_per_block layers"
             )
-        if high_updates_per_block < 0:
-            raise ValueError(f"high_updates_per_block must be >= 0, got {high_updates_per_block}")
+        if high_updates_per_block < 1:
+            raise ValueError(
+                f"high_updates_per_block (A in (A+1)xB, counting the all-level layer) must be "
+                f">= 1, got {high_updates_per_block}"
+            )
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
-        schedule = (["high"] * high_updates_per_block + ["all"]) * num_blocks
+        schedule = (["high"] * (high_updates_per_block - 1) + ["all"]) * num_blocks
         super().__init__(num_layers=len(schedule), **kwargs)
         num_levels = self.num_levels
         if not 1 <= num_high_levels < num_levels:

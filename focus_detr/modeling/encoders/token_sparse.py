@@ -149,6 +149,7 @@ class TokenSparseEncoder(DeformableEncoder):
         update: TokenUpdate,
         *,
         keep_written: bool = False,
+        carry_unwritten: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """
         Every layer gathers its selected tokens from the current memory, ``update`` computes
@@ -159,7 +160,12 @@ class TokenSparseEncoder(DeformableEncoder):
             features: flattened tokens and geometry; ``features.tokens`` is the initial memory.
             selections: one :class:`SelectedTokens` per layer (:meth:`select_tokens`).
             update: computes a layer's updated tokens (see :data:`TokenUpdate`).
-            keep_written: also return what every layer wrote back.
+            keep_written: also return what every layer wrote back (with ``carry_unwritten``:
+                its output for every gathered token).
+            carry_unwritten: a layer with the selection of the layer before takes that layer's
+                output as its query for every gathered token, so that the tokens it does not
+                write (beyond an image's budget, padding) keep their updates from layer to
+                layer, as Sparse DETR's encoder does; the memory is the same either way.
 
         Returns:
             ``(memory (B, N, C), written)``: per layer the (B, k, C) tokens written back when
@@ -168,12 +174,17 @@ class TokenSparseEncoder(DeformableEncoder):
         channels = features.tokens.shape[-1]
         memory = features.tokens
         written_per_layer: List[torch.Tensor] = []
+        updated = None
         for layer_index, selected in enumerate(selections):
             token_index = selected.indices.unsqueeze(-1).expand(-1, -1, channels)
-            query = memory.gather(1, token_index)
+            current = memory.gather(1, token_index)
+            query = current
+            if carry_unwritten and layer_index > 0 and selected is selections[layer_index - 1]:
+                # the written tokens' memory is their previous output: only unwritten ones change
+                query = updated
             updated = update(layer_index, query, selected, memory)
-            written = torch.where(selected.valid.unsqueeze(-1), updated, query)
+            written = torch.where(selected.valid.unsqueeze(-1), updated, current)
             memory = memory.scatter(1, token_index, written)
             if keep_written:
-                written_per_layer.append(written)
+                written_per_layer.append(updated if carry_unwritten else written)
         return memory, written_per_layer

@@ -21,7 +21,7 @@ ENCODERS = {
     "dense": (DenseEncoder, dict(num_layers=3)),
     "focus": (FocusEncoder, dict(num_layers=3, layer_keep_factors=(1.0, 0.5, 0.5), topk_sa=4)),
     "sparse": (SparseEncoder, dict(num_layers=3, num_classes=3)),
-    "lite": (LiteEncoder, dict(num_high_levels=1, high_updates_per_block=2, num_blocks=1)),
+    "lite": (LiteEncoder, dict(num_high_levels=1, high_updates_per_block=3, num_blocks=1)),
 }
 
 

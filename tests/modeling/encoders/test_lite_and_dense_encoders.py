@@ -19,22 +19,57 @@ def _lite(**kwargs):
     )
 
 
-def test_schedule_2_plus_1_times_3():
-    encoder = _lite(num_high_levels=3, high_updates_per_block=2, num_blocks=3)
-    assert encoder.schedule == ["high", "high", "all"] * 3 and encoder.num_layers == 9
-    assert encoder.updated_levels() == [[1, 2, 3], [1, 2, 3], [0, 1, 2, 3]] * 3
-    kinds = [type(layer) for layer in encoder.layers]
-    assert kinds.count(LiteAllLevelLayer) == 3
+def _updated_tokens(encoder, features):
+    """Per layer, which of the 85 tokens of every image it changed (B, N) bool."""
+    before, changed = [], []
+    for layer in encoder.layers:
+        layer.register_forward_pre_hook(lambda module, args: before.append(args[3]))
+    out = encoder(features, {})
+    for memory_before, memory_after in zip(before, before[1:] + [out.memory]):
+        changed.append((memory_after != memory_before).any(-1))
+    return out, changed
+
+
+@pytest.mark.parametrize(
+    "high_updates_per_block, num_blocks, schedule",
+    [
+        # Lite DETR's H3L1-(2+1)x3: [high, all] x 3
+        (2, 3, ["high", "all"] * 3),
+        # H3L1-(6+1)x1: five high-level layers, then one all-level layer
+        (6, 1, ["high"] * 5 + ["all"]),
+    ],
+)
+def test_official_schedules_have_six_layers(high_updates_per_block, num_blocks, schedule):
+    encoder = _lite(
+        num_high_levels=3, high_updates_per_block=high_updates_per_block, num_blocks=num_blocks
+    )
+    assert encoder.schedule == schedule and encoder.num_layers == len(encoder.layers) == 6
+    assert [type(layer) is LiteAllLevelLayer for layer in encoder.layers] == [
+        kind == "all" for kind in schedule
+    ]
+    high, every = [1, 2, 3], [0, 1, 2, 3]
+    assert encoder.updated_levels() == [every if kind == "all" else high for kind in schedule]
+    assert f"({high_updates_per_block}+1)x{num_blocks}" in repr(encoder)
+    # the tokens each layer changes: the valid high-level ones (strides 16-64, tokens 64-84),
+    # or every valid token in an all-level layer
+    features = helpers.make_features(SHAPES, channels=C, image_sizes=[(64, 64), (40, 56)])
+    _, changed = _updated_tokens(encoder, features)
+    valid = ~features.padding_mask
+    high_valid = valid.clone()
+    high_valid[:, :64] = False
+    for kind, tokens in zip(schedule, changed):
+        # padded tokens are queries too (as in Lite DETR): they may change, valid ones must
+        torch.testing.assert_close(tokens & valid, high_valid if kind == "high" else valid)
 
 
 def test_schedule_3_plus_1_times_2_with_two_high_levels():
     encoder = _lite(num_high_levels=2, high_updates_per_block=3, num_blocks=2)
-    assert encoder.schedule == ["high", "high", "high", "all"] * 2
-    assert encoder.updated_levels() == [[2, 3], [2, 3], [2, 3], [0, 1, 2, 3]] * 2
+    assert encoder.schedule == ["high", "high", "all"] * 2
+    assert encoder.updated_levels() == [[2, 3], [2, 3], [0, 1, 2, 3]] * 2
 
 
 def test_high_layers_leave_low_level_tokens_unchanged():
-    encoder = _lite(num_high_levels=3, high_updates_per_block=2, num_blocks=1)
+    encoder = _lite(num_high_levels=3, high_updates_per_block=3, num_blocks=1)
     features = helpers.make_features(SHAPES, channels=C, image_sizes=[(64, 64), (40, 56)])
     seen = []
     for layer in encoder.layers:
@@ -53,7 +88,7 @@ def test_high_layers_leave_low_level_tokens_unchanged():
 
 
 def test_low_level_tokens_use_the_small_ffn():
-    encoder = _lite(num_blocks=1)
+    encoder = _lite(num_blocks=1)  # (2+1)x1: [high, all]
     layer = encoder.layers[-1]
     assert layer.low_ffn[0].out_features == 16 and layer.ffn[0].out_features == 64
     features = helpers.make_features(SHAPES, channels=C)
@@ -83,7 +118,8 @@ def test_key_aware_option_and_gradients(key_aware):
         ({"num_high_levels": 4}, "num_high_levels"),
         ({"num_high_levels": 0}, "num_high_levels"),
         ({"num_blocks": 0}, "num_blocks"),
-        ({"high_updates_per_block": -1}, "high_updates_per_block"),
+        ({"high_updates_per_block": 0}, "high_updates_per_block"),
+        ({"num_layers": 6}, "num_layers"),
     ],
 )
 def test_lite_invalid_arguments(kwargs, message):

@@ -13,6 +13,7 @@ from helpers import (
     build_tiny_model,
     make_batched_inputs,
     make_image,
+    tiny_model_config,
 )
 from host_reads import HostReadCounter
 

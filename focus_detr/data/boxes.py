@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.structures import BoxMode
 
-__all__ = ["drop_invalid_boxes", "invalid_box_reason"]
+__all__ = ["drop_invalid_boxes", "invalid_box_reason", "valid_annotations"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,24 @@ def invalid_box_reason(
     return None
 
 
+def valid_annotations(record: Dict) -> Tuple[List[Dict], List[str]]:
+    """The annotations of a dataset ``record`` whose box is valid, and why each other one is not
+    (see :func:`invalid_box_reason`; the image size is the record's ``width`` and ``height``)."""
+    kept, reasons = [], []
+    for annotation in record.get("annotations") or []:
+        reason = invalid_box_reason(
+            annotation.get("bbox", ()),
+            annotation.get("bbox_mode", BoxMode.XYWH_ABS),
+            record.get("width"),
+            record.get("height"),
+        )
+        if reason is None:
+            kept.append(annotation)
+        else:
+            reasons.append(reason)
+    return kept, reasons
+
+
 def drop_invalid_boxes(records: List[Dict], dataset: str) -> Tuple[List[Dict], int]:
     """
     ``records`` without the annotations whose box is invalid (see :func:`invalid_box_reason`),
@@ -64,19 +82,10 @@ def drop_invalid_boxes(records: List[Dict], dataset: str) -> Tuple[List[Dict], i
         if not annotations:
             kept_records.append(record)
             continue
-        kept = []
-        for annotation in annotations:
-            reason = invalid_box_reason(
-                annotation.get("bbox", ()),
-                annotation.get("bbox_mode", BoxMode.XYWH_ABS),
-                record.get("width"),
-                record.get("height"),
-            )
-            if reason is None:
-                kept.append(annotation)
-            elif first is None:
-                first = f"{record.get('file_name', '(no file_name)')}: {reason}"
-        if len(kept) == len(annotations):
+        kept, reasons = valid_annotations(record)
+        if reasons and first is None:
+            first = f"{record.get('file_name', '(no file_name)')}: {reasons[0]}"
+        if not reasons:
             kept_records.append(record)
             continue
         dropped += len(annotations) - len(kept)

@@ -9,10 +9,9 @@ import torch
 from detectron2.data import DatasetMapper as _D2DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BoxMode
 from detectron2.utils.logger import log_first_n
 
-from .boxes import invalid_box_reason
+from .boxes import valid_annotations
 from .images import read_image
 
 __all__ = ["DatasetMapper", "SampleLoadError"]
@@ -72,23 +71,13 @@ class DatasetMapper(_D2DatasetMapper):
 
     @staticmethod
     def _valid(dataset_dict: Dict) -> list:
-        annotations = dataset_dict["annotations"]
-        kept = []
-        for annotation in annotations:
-            reason = invalid_box_reason(
-                annotation.get("bbox", ()),
-                annotation.get("bbox_mode", BoxMode.XYWH_ABS),
-                dataset_dict.get("width"),
-                dataset_dict.get("height"),
+        kept, reasons = valid_annotations(dataset_dict)
+        if reasons:
+            log_first_n(
+                logging.WARNING,
+                f"DatasetMapper drops boxes that are not valid boxes, e.g. in "
+                f"{dataset_dict.get('file_name')}: {reasons[0]}",
+                n=1,
+                key="caller",
             )
-            if reason is None:
-                kept.append(annotation)
-            else:
-                log_first_n(
-                    logging.WARNING,
-                    f"DatasetMapper drops boxes that are not valid boxes, e.g. in "
-                    f"{dataset_dict.get('file_name')}: {reason}",
-                    n=1,
-                    key="caller",
-                )
         return kept

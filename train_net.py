@@ -50,6 +50,7 @@ from focus_detr.engine import (
     check_run_dir,
     forward_stop_signals_to_children,
     ignore_stop_signals_in_workers,
+    keep_run_config,
     load_for_eval,
     resume_advice,
     run_preflight,
@@ -207,7 +208,11 @@ def main(args):
         if comm.is_main_process():
             check_output_dir(cfg.train.output_dir)
         resume_from = _on_main_process(lambda: check_run_dir(cfg, resume=args.resume))
-    default_setup(cfg, args)
+    if args.eval_only and comm.is_main_process():
+        with keep_run_config(cfg.train.output_dir):  # a training run's config.yaml stays
+            default_setup(cfg, args)
+    else:
+        default_setup(cfg, args)
     # focus_detr's own messages (dataset generation, extension fallback) in the same log
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="focus_detr")
     if args.eval_only:

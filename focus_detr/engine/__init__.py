@@ -6,7 +6,7 @@ from .nonfinite import NonFiniteLossError
 from .overrides import ConfigOverrideError, apply_overrides
 from .precision import amp_from_config
 from .preflight import PreflightError, check_output_dir, run_preflight
-from .run_checks import RunDirError, check_eval_weights, check_run_dir
+from .run_checks import RunDirError, check_eval_weights, check_run_dir, keep_run_config
 from .signals import (
     StopOnSignalHook,
     TrainingInterrupted,
@@ -38,6 +38,7 @@ __all__ = [
     "check_run_dir",
     "forward_stop_signals_to_children",
     "ignore_stop_signals_in_workers",
+    "keep_run_config",
     "load_for_eval",
     "resume_advice",
     "run_preflight",

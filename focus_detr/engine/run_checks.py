@@ -9,14 +9,18 @@ never destroys what an earlier run wrote and never evaluates weights that do not
   intact, it stops instead of starting from zero over them.
 * The checkpoint to resume from, and the weights ``--eval-only`` evaluates, must fit the model of
   the config exactly: same tensor names and shapes (:func:`weights_mismatch`).
+* ``--eval-only`` into a run's folder keeps the run's ``config.yaml``
+  (:func:`keep_run_config`).
 """
 
+import contextlib
 import glob
 import logging
 import os
 import re
+import shutil
 import warnings
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -32,6 +36,7 @@ __all__ = [
     "check_run_dir",
     "check_weights_fit",
     "checkpoint_files",
+    "keep_run_config",
     "weights_mismatch",
 ]
 
@@ -233,3 +238,24 @@ def check_eval_weights(cfg, *, random_weights: bool = False) -> None:
         advice="Evaluate it with the config it was trained with (the config.yaml of its run), or "
         "add --random-weights to evaluate the untrained model on purpose",
     )
+
+
+@contextlib.contextmanager
+def keep_run_config(output_dir: str, *, name: str = "config_eval.yaml") -> Iterator[None]:
+    """
+    Around detectron2's ``default_setup``, which writes the config to ``output_dir/config.yaml``:
+    when that file exists (a training run's), it is kept as it was and the new config goes to
+    ``output_dir/name`` instead. Nothing happens when ``output_dir`` has no config.yaml.
+    """
+    path = os.path.join(output_dir, "config.yaml") if output_dir else ""
+    if not path or not os.path.isfile(path):
+        yield
+        return
+    kept = f"{path}.kept-{os.getpid()}"
+    shutil.copy2(path, kept)
+    try:
+        yield
+    finally:
+        if os.path.isfile(path):
+            os.replace(path, os.path.join(output_dir, name))
+        os.replace(kept, path)

@@ -161,3 +161,13 @@ def test_eval_only_needs_weights_that_fit_or_random_weights(finished, shapes, tm
     assert 0.0 <= results["bbox"]["AP"] <= 100.0
     results = _main(config_file, tmp_path / "eval2", "--eval-only", overrides=[weights])
     assert 0.0 <= results["bbox"]["AP"] <= 100.0
+
+
+def test_eval_only_in_a_run_folder_keeps_its_config(run_copy):
+    config_file, run = run_copy
+    before = (run / "config.yaml").read_bytes()
+    weights = f"train.init_checkpoint={run / 'model_final.pth'}"
+    _main(config_file, run, "--eval-only", overrides=[weights, "model.num_select=5"])
+    assert (run / "config.yaml").read_bytes() == before
+    assert "num_select: 5" in (run / "config_eval.yaml").read_text()
+    assert not list(run.glob("config.yaml.kept-*"))

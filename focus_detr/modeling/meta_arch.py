@@ -104,9 +104,8 @@ class TwoStageDETR(nn.Module):
                 selection, then each attention module's own init; "module": every module keeps
                 its own initialisation.
             channels_last: run the backbone and the neck in the channels-last memory format
-                (their weights and the input images): oneDNN's convolutions and pooling are
-                faster so on CPUs (measured: ResNet-18 backbone + neck forward and backward
-                1.15x faster on the demo). The results are the same up to float rounding.
+                (their weights and the input images), in which oneDNN's CPU convolutions and
+                pooling run faster. The results are the same up to float rounding.
             inference_padding_masks: True: padding masks come from each image's size in
                 training and in inference. False (detrex's inference): in eval mode the whole
                 padded batch counts as every image (no padding mask), so the encoder, the

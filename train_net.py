@@ -52,6 +52,7 @@ from focus_detr.engine import (
     ignore_stop_signals_in_workers,
     keep_run_config,
     load_for_eval,
+    on_main_process,
     resume_advice,
     run_preflight,
     wrap_ddp,
@@ -65,22 +66,6 @@ _CHECK = object()  # do_train's resume_from default: check the output folder its
 def _option(cfg, key: str, default):
     """``cfg.train.<key>``, or ``default`` for configs without it."""
     return OmegaConf.select(cfg, f"train.{key}", default=default)
-
-
-def _on_main_process(check):
-    """``check()`` in the main process only; its result, or its error, in every process."""
-    if comm.get_world_size() == 1:
-        return check()
-    result = error = None
-    if comm.is_main_process():
-        try:
-            result = check()
-        except Exception as raised:
-            error = raised
-    result, error = comm.all_gather((result, error))[0]
-    if error is not None:
-        raise error
-    return result
 
 
 def do_test(cfg, model) -> OrderedDict:
@@ -110,7 +95,7 @@ def do_train(cfg, *, resume: bool = False, resume_from=_CHECK) -> OrderedDict:
     from scratch); by default it is chosen here.
     """
     if resume_from is _CHECK:
-        resume_from = _on_main_process(lambda: check_run_dir(cfg, resume=resume))
+        resume_from = on_main_process(lambda: check_run_dir(cfg, resume=resume))
     train_dataset = run_preflight(cfg, check_output=comm.is_main_process())
     model = build_model(cfg)
     logger.info(f"Model:\n{model}")
@@ -203,11 +188,11 @@ def main(args):
     # Before default_setup writes its log and config.yaml into train.output_dir: nothing of an
     # earlier run is overwritten, and the weights to load fit the model.
     if args.eval_only:
-        _on_main_process(lambda: check_eval_weights(cfg, random_weights=random_weights))
+        on_main_process(lambda: check_eval_weights(cfg, random_weights=random_weights))
     else:
         if comm.is_main_process():
             check_output_dir(cfg.train.output_dir)
-        resume_from = _on_main_process(lambda: check_run_dir(cfg, resume=args.resume))
+        resume_from = on_main_process(lambda: check_run_dir(cfg, resume=args.resume))
     if args.eval_only and comm.is_main_process():
         with keep_run_config(cfg.train.output_dir):  # a training run's config.yaml stays
             default_setup(cfg, args)

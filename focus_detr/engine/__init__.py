@@ -1,5 +1,12 @@
 from .checkpoint import CheckpointError, SafeCheckpointer, resume_advice
-from .defaults import FileNamingModel, InferenceError, build_model, load_for_eval, wrap_ddp
+from .defaults import (
+    FileNamingModel,
+    InferenceError,
+    build_model,
+    load_for_eval,
+    on_main_process,
+    wrap_ddp,
+)
 from .ema import ModelEMA
 from .hooks import BoundedHistoryHook, IterationSeedHook
 from .nonfinite import NonFiniteLossError
@@ -40,6 +47,7 @@ __all__ = [
     "ignore_stop_signals_in_workers",
     "keep_run_config",
     "load_for_eval",
+    "on_main_process",
     "resume_advice",
     "run_preflight",
     "wrap_ddp",

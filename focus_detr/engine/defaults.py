@@ -1,18 +1,37 @@
 """Building blocks of ``train_net.py`` that tools share: the model, its DDP wrapper, its weights."""
 
 import logging
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 from detectron2.config import instantiate
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.utils import comm
 from omegaconf import OmegaConf
 
 from .checkpoint import SafeCheckpointer
 
-__all__ = ["FileNamingModel", "InferenceError", "build_model", "load_for_eval", "wrap_ddp"]
+__all__ = ["FileNamingModel", "InferenceError", "build_model", "load_for_eval", "on_main_process"]
+__all__ += ["wrap_ddp"]
 
 logger = logging.getLogger("detectron2")
+_T = TypeVar("_T")
+
+
+def on_main_process(check: Callable[[], _T]) -> _T:
+    """``check()`` run by the main process only; its result, or its error, in every process."""
+    if comm.get_world_size() == 1:
+        return check()
+    result = error = None
+    if comm.is_main_process():
+        try:
+            result = check()
+        except Exception as raised:
+            error = raised
+    result, error = comm.all_gather((result, error))[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def build_model(cfg) -> torch.nn.Module:

@@ -34,9 +34,13 @@ ZEN4_LIMITED = (False, True, "AVX2")  # a Zen 4 under ATEN_CPU_CAPABILITY=avx2
 
 @pytest.fixture
 def cpu_kind(monkeypatch):
-    """``cpu_kind(KIND)``: torch reports the CPU kind ``KIND`` (a tuple above)."""
+    """``cpu_kind(KIND)``: torch reports the CPU kind ``KIND`` (a tuple above), and the process
+    has no ISA limit in its environment (CI also runs these tests under ATEN_CPU_CAPABILITY and
+    ONEDNN_MAX_CPU_ISA; a test that sets a limit does so itself)."""
 
     def simulate(kind):
+        for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+            monkeypatch.delenv(name, raising=False)
         amx, avx512_bf16, capability = kind
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)

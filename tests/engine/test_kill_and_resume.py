@@ -89,38 +89,20 @@ def _run(command, env, log):
     assert result.returncode == 0, log.read_text()[-3000:]
 
 
-def _run_and_kill(command, env, output_dir, log):
-    """Start ``command`` in its own process group; SIGKILL the group after KILL_AFTER."""
-    with open(log, "a") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=out, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 600
-            while max(_logged_iterations(output_dir), default=-1) < KILL_AFTER:
-                assert process.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the run did not reach the kill point"
-                time.sleep(0.05)
-            os.killpg(process.pid, signal.SIGKILL)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-
-
-def _run_and_signal(command, env, output_dir, log, signum, whole_group):
+def _run_and_signal(command, env, output_dir, log, signum, *, whole_group, after):
     """
-    Start ``command``; after SIGNAL_AFTER, send ``signum`` to the process itself (``kill PID``:
-    with several training processes, the launcher, which passes it on) or to its whole process
-    group (Ctrl-C in a terminal, or a scheduler stopping a job: launcher, training processes and
-    loader workers). Returns the exit status.
+    Start ``command``; once iteration ``after`` is logged, send ``signum`` to the process itself
+    (``kill PID``: with several training processes, the launcher, which passes it on) or to its
+    whole process group (Ctrl-C in a terminal, or a scheduler stopping a job: launcher, training
+    processes and loader workers). Returns the exit status.
     """
     with open(log, "a") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=out, start_new_session=True)
         try:
             deadline = time.monotonic() + 600
-            while max(_logged_iterations(output_dir), default=-1) < SIGNAL_AFTER:
+            while max(_logged_iterations(output_dir), default=-1) < after:
                 assert process.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the run did not reach the signal point"
+                assert time.monotonic() < deadline, f"the run did not reach iteration {after}"
                 time.sleep(0.05)
             (os.killpg if whole_group else os.kill)(process.pid, signum)
             process.wait(timeout=300)
@@ -129,6 +111,14 @@ def _run_and_signal(command, env, output_dir, log, signum, whole_group):
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=60)
     return process.returncode
+
+
+def _run_and_kill(command, env, output_dir, log):
+    """Start ``command`` in its own process group; SIGKILL the group after KILL_AFTER."""
+    status = _run_and_signal(
+        command, env, output_dir, log, signal.SIGKILL, whole_group=True, after=KILL_AFTER
+    )
+    assert status == -signal.SIGKILL
 
 
 _UNINTERRUPTED = {}
@@ -205,7 +195,9 @@ def test_a_run_stopped_by_a_signal_saves_its_iteration_and_resumes_to_the_same_w
     resumed = tmp_path / "resumed"
     # the demo config's own checkpoint period: no checkpoint before the last iteration
     command = _command(run.config_file, resumed, num_processes, period=None)
-    status = _run_and_signal(command, run.env, resumed, run.log, signum, whole_group)
+    status = _run_and_signal(
+        command, run.env, resumed, run.log, signum, whole_group=whole_group, after=SIGNAL_AFTER
+    )
     log = run.log.read_text()
     assert status == 128 + signum, log[-3000:]
     assert not (resumed / "model_final.pth").exists(), "stopped too late"
